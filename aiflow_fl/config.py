@@ -1,0 +1,265 @@
+"""Typed configuration: OmegaConf structured configs loaded from ``conf/*.yaml`` plus dotlist overrides.
+
+``load_config(["federation.rounds=5", "strategy=flexlora"])`` merges, in order, the schema's
+defaults, ``conf/config.yaml`` (or a recipe given as ``recipe=NAME`` / ``--config FILE``) and the
+overrides. A key that is not in the schema, or a value of the wrong type or outside its allowed set,
+raises :class:`AiflowError` naming the key and what is allowed.
+
+The same values reach a Flower run flattened (``federation.rounds``) through
+``flwr run . --run-config``; :func:`from_run_config` rebuilds the typed config from them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from aiflow_fl.errors import AiflowError
+from aiflow_fl.models import DEFAULT_MODEL
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+# Values restricted to a set: dotted key -> allowed values.
+ALLOWED: dict[str, tuple[str, ...]] = {
+    "strategy": ("fedavg", "fedit", "ffa", "flora", "flexlora", "hetlora", "fedexlora"),
+    "data.partitioner": ("iid", "dirichlet", "pathological"),
+    "family.kind": ("eesb", "hpcd"),
+    "family.branch_training.main": ("frozen", "lora", "full"),
+    "family.branch_training.subset": ("all", "random", "sequential", "loss_adaptive"),
+}
+
+
+@dataclass
+class ModelConfig:
+    name: str = DEFAULT_MODEL  # embedded name, local folder or cached HF id
+    dtype: str = "float32"
+
+
+@dataclass
+class BranchTrainingConfig:
+    steps: int = 0  # 0: keep the whitened-SVD initialisation
+    lr: float = 1e-4
+    batch_size: int = 4
+    seq_len: int = 128
+    main: str = "frozen"  # frozen | lora | full
+    subset: str = "all"  # branches trained per step: all | random | sequential | loss_adaptive
+    kl_weight: float = 0.0
+
+
+@dataclass
+class FamilyConfig:
+    dir: str = "runs/family"  # where `aiflow family build` writes the family
+    kind: str = "eesb"
+    # EESB members as fractions of the backbone's parameters; HPCD as numbers of components.
+    budgets: list[float] = field(default_factory=lambda: [0.35, 0.6])
+    hpcd_components: int = 3
+    hpcd_ratio: float = 0.2  # parameter ratio of each HPCD component
+    calibration_samples: int = 32
+    calibration_seq_len: int = 256
+    whitening: bool = True
+    branch_training: BranchTrainingConfig = field(default_factory=BranchTrainingConfig)
+
+
+@dataclass
+class DataConfig:
+    source: str = "pydoc"  # pydoc | stdlib | path to a .jsonl/.txt file
+    partitioner: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    seq_len: int = 128
+    heldout_fraction: float = 0.1
+    max_examples_per_client: int = 256
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class TrainConfig:
+    local_steps: int = 4
+    batch_size: int = 4
+    lr: float = 3e-4
+
+
+@dataclass
+class FederationConfig:
+    rounds: int = 3
+    num_devices: int = 4
+    num_edges: int = 2
+    min_clients: int = 1  # the run fails only when fewer than this many clients report
+    fraction_train: float = 1.0
+    client_cpus: float = 1.0
+    client_timeout_s: float = 600.0
+    # Per-device member and LoRA rank, cycled over devices (device i gets members[i % len]).
+    members: list[str] = field(default_factory=lambda: ["eesb-0", "eesb-1"])
+    ranks: list[int] = field(default_factory=lambda: [4, 8])
+
+
+@dataclass
+class HierarchyConfig:
+    edge_rounds: int = 1  # HierFAVG kappa2: edge aggregations per cloud round
+    edge_rank: int = 16  # rank of the factors an edge sends to the cloud
+
+
+@dataclass
+class PrivacyConfig:
+    enabled: bool = False
+    noise_multiplier: float = 0.0  # 0: derived from target_epsilon
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    server_side: bool = False
+
+
+@dataclass
+class ContinualConfig:
+    enabled: bool = False
+    stages: int = 2
+    replay_fraction: float = 0.0
+
+
+@dataclass
+class ServingConfig:
+    tiers: list[str] = field(default_factory=lambda: ["device", "edge"])
+    draft_len: int = 4
+    max_new_tokens: int = 64
+
+
+@dataclass
+class RunConfig:
+    dir: str = ""  # empty: runs/<timestamp>
+    seed: int = 0
+    resume: str = ""  # run folder to resume from
+
+
+@dataclass
+class AiflowConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    family: FamilyConfig = field(default_factory=FamilyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    strategy: str = "fedavg"
+    hierarchy: HierarchyConfig = field(default_factory=HierarchyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(cls):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if is_dataclass(default):
+            keys.extend(_all_keys(type(default), key + "."))
+    return keys
+
+
+def _unknown_key_error(key: str) -> AiflowError:
+    keys = _all_keys(AiflowConfig)
+    parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    siblings = [k for k in keys if k.startswith(parent) and "." not in k[len(parent):]]
+    close = difflib.get_close_matches(key, keys, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return AiflowError(
+        f"Unknown config key '{key}'.{hint} Allowed keys here: {', '.join(sorted(siblings))}."
+    )
+
+
+def _check_allowed(cfg: DictConfig) -> None:
+    for key, allowed in ALLOWED.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise AiflowError(f"Config key '{key}' is '{value}', which is not one of: {', '.join(allowed)}.")
+
+
+def _merge(base: DictConfig, other: Any, what: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)  # type: ignore[return-value]
+    except ConfigKeyError as exc:
+        raise _unknown_key_error(str(exc.full_key or exc.key)) from None
+    except ValidationError as exc:
+        raise AiflowError(
+            f"Bad value for config key '{exc.full_key}' in {what}: {str(exc.msg).splitlines()[0]}"
+        ) from None
+    except OmegaConfBaseException as exc:
+        raise AiflowError(f"Could not read {what}: {str(exc).splitlines()[0]}") from None
+
+
+def load_config(overrides: list[str] | None = None, config_file: str | Path | None = None) -> AiflowConfig:
+    """Schema defaults <- YAML file <- dotlist overrides, validated. Returns the typed config."""
+    overrides = list(overrides or [])
+    recipe = [o for o in overrides if o.startswith("recipe=")]
+    overrides = [o for o in overrides if not o.startswith("recipe=")]
+    if recipe:
+        config_file = CONF_DIR / "recipes" / f"{recipe[-1].split('=', 1)[1]}.yaml"
+    path = Path(config_file) if config_file else CONF_DIR / "config.yaml"
+    cfg = OmegaConf.structured(AiflowConfig)
+    if path.is_file():
+        cfg = _merge(cfg, OmegaConf.load(path), str(path))
+    elif config_file is not None:
+        available = sorted(p.stem for p in (CONF_DIR / "recipes").glob("*.yaml"))
+        raise AiflowError(f"Config file {path} does not exist. Recipes: {', '.join(available) or 'none'}.")
+    for item in overrides:
+        if "=" not in item:
+            raise AiflowError(f"Override '{item}' is not of the form key=value (e.g. federation.rounds=5).")
+    try:
+        dotlist = OmegaConf.from_dotlist(overrides)
+    except OmegaConfBaseException as exc:
+        raise AiflowError(f"Could not parse overrides {overrides}: {str(exc).splitlines()[0]}") from None
+    cfg = _merge(cfg, dotlist, "the command-line overrides")
+    _check_allowed(cfg)
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def to_dict(cfg: AiflowConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: AiflowConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flatten(cfg: AiflowConfig) -> dict[str, Any]:
+    """Dotted keys -> scalar values, as Flower's run config holds them (lists as JSON strings)."""
+    out: dict[str, Any] = {}
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) else value
+
+    walk(to_dict(cfg), "")
+    return out
+
+
+def from_run_config(run_config: dict[str, Any]) -> AiflowConfig:
+    """Typed config from a Flower run config (dotted keys; lists as JSON strings), validated."""
+    nested: dict[str, Any] = {}
+    for key, value in run_config.items():
+        if isinstance(value, str) and value.startswith("["):
+            value = json.loads(value)
+        node = nested
+        *parents, leaf = str(key).split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    cfg = _merge(OmegaConf.structured(AiflowConfig), nested, "the Flower run config")
+    _check_allowed(cfg)
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]

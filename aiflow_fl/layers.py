@@ -1,0 +1,74 @@
+"""Running a slice of a decoder's layers: the primitive behind split inference and familial reuse.
+
+A Llama/Qwen2 ``*ForCausalLM`` is ``embed -> layers[0..L) -> norm -> lm_head``. Family members share
+their first layers, so a member can stop after layer k and another (larger) member can resume at
+layer k from the transmitted hidden states, with the KV cache of the layers each one ran. These
+functions expose exactly those three steps with the model's own modules, so the numbers are the
+model's own (a test compares them with one full ``forward``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.masking_utils import create_causal_mask
+
+
+def decoder_of(model: PreTrainedModel) -> nn.Module:
+    """The ``*Model`` inside a ``*ForCausalLM`` (has embed_tokens, layers, norm, rotary_emb)."""
+    return model.model if hasattr(model, "model") and hasattr(model.model, "layers") else model
+
+
+def positions(start: int, length: int, device: torch.device | None = None) -> torch.Tensor:
+    """Position ids ``[[start, ..., start + length - 1]]``."""
+    return torch.arange(start, start + length, device=device).unsqueeze(0)
+
+
+def embed(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
+    return decoder_of(model).embed_tokens(input_ids)
+
+
+def run_layers(
+    model: PreTrainedModel,
+    hidden: torch.Tensor,
+    start: int,
+    stop: int,
+    position_ids: torch.Tensor,
+    cache: Cache | None = None,
+    attention_mask: torch.Tensor | None = None,
+    layers: nn.ModuleList | None = None,
+) -> torch.Tensor:
+    """Run decoder layers ``[start, stop)`` on ``hidden`` (B, T, H) at ``position_ids``.
+
+    ``cache`` holds the keys/values of earlier positions for these layers (it is extended in
+    place). ``layers`` may replace the model's own layer list (a member whose last layer is a
+    branch passes its own list); the layers' ``layer_idx`` decides which cache slot each uses.
+    """
+    decoder = decoder_of(model)
+    layer_list = decoder.layers if layers is None else layers
+    mask = create_causal_mask(
+        config=decoder.config,
+        inputs_embeds=hidden,
+        attention_mask=attention_mask,
+        past_key_values=cache,
+        position_ids=position_ids,
+        layer_idx=layer_list[start].self_attn.layer_idx if cache is not None and stop > start else None,
+    )
+    rope = decoder.rotary_emb(hidden, position_ids=position_ids)
+    for layer in layer_list[start:stop]:
+        hidden = layer(
+            hidden,
+            attention_mask=mask,
+            position_embeddings=rope,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+    return hidden
+
+
+def head(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Final norm and LM head: hidden states (B, T, H) -> logits (B, T, V)."""
+    return model.lm_head(decoder_of(model).norm(hidden))

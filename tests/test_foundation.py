@@ -1,0 +1,126 @@
+"""Foundation: config, backbone loading, split-layer primitive, CLI errors, bench harness."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from aiflow_fl.config import flatten, from_run_config, load_config
+from aiflow_fl.errors import AiflowError
+from aiflow_fl.layers import embed, head, positions, run_layers
+from aiflow_fl.models import DEFAULT_MODEL, cache_dir, count_parameters, load_backbone
+
+AIFLOW = [sys.executable, "-m", "aiflow_fl.cli"]
+
+
+def test_overrides_are_typed_and_roundtrip_through_flower_run_config():
+    cfg = load_config(["federation.rounds=5", "strategy=flexlora", "family.budgets=[0.2,0.4]"])
+    assert cfg.federation.rounds == 5 and cfg.strategy == "flexlora" and cfg.family.budgets == [0.2, 0.4]
+    flat = flatten(cfg)
+    assert flat["federation.rounds"] == 5
+    assert from_run_config(flat) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("federation.round=5", ["federation.round", "federation.rounds"]),
+        ("strategy=flexloraa", ["strategy", "flexlora", "fedit"]),
+        ("federation.rounds=abc", ["federation.rounds", "abc"]),
+        ("nosuchsection.x=1", ["nosuchsection", "federation"]),
+        ("federation.rounds", ["key=value"]),
+    ],
+)
+def test_bad_config_names_the_key_and_allowed_values(override, words):
+    with pytest.raises(AiflowError) as info:
+        load_config([override])
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_run_layers_split_equals_one_forward(tiny):
+    """Layers [0,k) then [k,L), across two calls with a KV cache, equal one full forward."""
+    ids = torch.randint(0, 1000, (1, 12))
+    with torch.no_grad():
+        reference = tiny(ids).logits
+        cache = DynamicCache(config=tiny.config)
+        parts = []
+        for lo, hi in [(0, 7), (7, 12)]:
+            pos = positions(lo, hi - lo)
+            hidden = run_layers(tiny, embed(tiny, ids[:, lo:hi]), 0, 2, pos, cache)
+            hidden = run_layers(tiny, hidden, 2, tiny.config.num_hidden_layers, pos, cache)
+            parts.append(head(tiny, hidden))
+    torch.testing.assert_close(torch.cat(parts, 1), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_bad_key_is_one_paragraph_not_a_traceback():
+    proc = subprocess.run([*AIFLOW, "config", "federation.round=3"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "Did you mean 'federation.rounds'" in proc.stderr
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+    with pytest.raises(AiflowError, match="no config.json"):
+        load_backbone(str(tmp_path))
+    proc = subprocess.run(
+        [*AIFLOW, "model", "info", "no-such-org/no-such-model"],
+        capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "no-such-org/no-such-model" in proc.stderr and DEFAULT_MODEL in proc.stderr
+
+
+def test_bench_harness_lists_and_rejects_unknown():
+    from aiflow_fl.bench import available, run_benchmark
+
+    assert "smoke" in available()
+    with pytest.raises(AiflowError, match="smoke"):
+        run_benchmark("no-such-bench", quick=True)
+
+
+@pytest.mark.slow
+def test_embedded_default_answers_like_transformers_generate():
+    """The cached safetensors model is the GGUF model: same greedy tokens as loading the GGUF directly."""
+    from transformers import AutoModelForCausalLM
+
+    from aiflow_fl.generation import chat_input_ids
+    from aiflow_fl.models import embedded_gguf_path
+
+    loaded = load_backbone(DEFAULT_MODEL)
+    assert loaded.model.config.num_hidden_layers == 30
+    assert count_parameters(loaded.model) == 134_515_008
+    ids = chat_input_ids(loaded.tokenizer, "What is the capital of France?")
+    with torch.inference_mode():
+        ours = loaded.model.generate(ids, max_new_tokens=12, do_sample=False)
+    answer = loaded.tokenizer.decode(ours[0, ids.shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer
+    gguf = embedded_gguf_path(DEFAULT_MODEL)
+    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with torch.inference_mode():
+        reference = direct.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(ours, reference)
+
+
+@pytest.mark.slow
+def test_corrupt_cache_is_rebuilt_not_reused(tmp_path, monkeypatch):
+    load_backbone(DEFAULT_MODEL)  # make sure the shared cache exists
+    source = cache_dir() / "models" / DEFAULT_MODEL
+    monkeypatch.setenv("AIFLOW_CACHE", str(tmp_path))
+    target = tmp_path / "models" / DEFAULT_MODEL
+    shutil.copytree(source, target)
+    weights = target / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64  # silent corruption inside a tensor
+    weights.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="corrupt"):
+        loaded = load_backbone(DEFAULT_MODEL)
+    manifest = json.loads((target / "aiflow_cache.json").read_text())
+    assert manifest["sha256"] != "" and weights.read_bytes() != bytes(data)
+    assert loaded.model.config.num_hidden_layers == 30
