@@ -124,3 +124,25 @@ def test_corrupt_cache_is_rebuilt_not_reused(tmp_path, monkeypatch):
     manifest = json.loads((target / "aiflow_cache.json").read_text())
     assert manifest["sha256"] != "" and weights.read_bytes() != bytes(data)
     assert loaded.model.config.num_hidden_layers == 30
+
+
+def test_adapter_update_roundtrips_through_peft_and_flower_records():
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    from aiflow_fl.aggregation import from_peft_state_dict
+    from aiflow_fl.models import tiny_model
+    from aiflow_fl.protocol import arrays_to_update, update_to_arrays
+
+    model = get_peft_model(tiny_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)
+    update = from_peft_state_dict(get_peft_model_state_dict(model), alpha=8, num_examples=3)
+    assert len(update.layers) == 2 * model.config.num_hidden_layers
+    back = arrays_to_update(update_to_arrays(update), num_examples=3)
+    for key, f in update.layers.items():
+        torch.testing.assert_close(back.layers[key].delta(), f.delta())
+        # peft's own forward uses ΔW = (alpha/r)·B@A on the same module.
+        lora_module = model.get_submodule(f"base_model.model.{key}")
+        ref = lora_module.scaling["default"] * lora_module.lora_B["default"].weight @ lora_module.lora_A["default"].weight
+        torch.testing.assert_close(f.delta(), ref)
