@@ -15,7 +15,7 @@ import difflib
 import json
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -32,6 +32,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "family.kind": ("eesb", "hpcd"),
     "family.branch_training.main": ("frozen", "lora", "full"),
     "family.branch_training.subset": ("all", "random", "sequential", "loss_adaptive"),
+    "privacy.accountant": ("rdp", "prv"),
+    "continual.replay": ("none", "reservoir", "stage"),
 }
 
 
@@ -74,6 +76,8 @@ class DataConfig:
     seq_len: int = 128
     heldout_fraction: float = 0.1
     max_examples_per_client: int = 256
+    max_heldout_examples: int = 64  # per device and for the server's central evaluation
+    classes_per_partition: int = 2  # pathological partitioner: domains per device
 
 
 @dataclass
@@ -89,6 +93,7 @@ class TrainConfig:
     local_steps: int = 4
     batch_size: int = 4
     lr: float = 3e-4
+    eval_batch_size: int = 8
 
 
 @dataclass
@@ -103,6 +108,7 @@ class FederationConfig:
     # Per-device member and LoRA rank, cycled over devices (device i gets members[i % len]).
     members: list[str] = field(default_factory=lambda: ["eesb-0", "eesb-1"])
     ranks: list[int] = field(default_factory=lambda: [4, 8])
+    memory_budget_mb: float = 0.0  # per device; 0: no budget (a node config's memory-budget-mb wins)
 
 
 @dataclass
@@ -113,19 +119,29 @@ class HierarchyConfig:
 
 @dataclass
 class PrivacyConfig:
+    # Client-side DP-SGD with Opacus on the LoRA parameters (unit protected: one training example).
     enabled: bool = False
-    noise_multiplier: float = 0.0  # 0: derived from target_epsilon
-    target_epsilon: float = 8.0
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
+    noise_multiplier: Optional[float] = None  # sigma; null: derived from target_epsilon for the whole run
+    target_epsilon: float = 8.0  # used only when noise_multiplier is null
+    delta: float = 1e-5  # must be < 1 / (examples on the device)
+    max_grad_norm: float = 1.0  # per-example clipping bound C
+    accountant: str = "rdp"  # rdp | prv (Opacus accountants)
+    # Central DP: Flower's DifferentialPrivacyServerSideFixedClipping around the strategy
+    # (unit protected: one device's whole update per round).
     server_side: bool = False
+    server_noise_multiplier: float = 1.0
+    server_clipping_norm: float = 1.0
 
 
 @dataclass
 class ContinualConfig:
     enabled: bool = False
-    stages: int = 2
-    replay_fraction: float = 0.0
+    stages: int = 2  # a device's data arrives in this many stages, spread evenly over the rounds
+    # Domains (data sources, see data.source) of the stages, cycled: stage k reads domains[k % len].
+    domains: list[str] = field(default_factory=lambda: ["pydoc", "stdlib"])
+    replay: str = "none"  # none | reservoir (uniform over everything seen) | stage (equal share per past stage)
+    replay_fraction: float = 0.0  # share of every training batch drawn from the replay buffer
+    buffer_size: int = 64  # examples kept on the device for replay
 
 
 @dataclass
@@ -242,6 +258,8 @@ def flatten(cfg: AiflowConfig) -> dict[str, Any]:
         for key, value in node.items():
             if isinstance(value, dict):
                 walk(value, f"{prefix}{key}.")
+            elif value is None:
+                continue  # a run config cannot hold null; an absent key reads back as the schema default
             else:
                 out[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) else value
 
