@@ -1,0 +1,215 @@
+"""The run folder: what a federated run leaves behind, and what resume, benchmarks and users read.
+
+::
+
+    RUN_DIR/
+      config.yaml            the effective config (snapshot at start; a resumed run must match it)
+      metrics.jsonl          one JSON object per line: {"round": r, "kind": "train"|"eval"|..., ...}
+      checkpoints/
+        round-0003.safetensors   the global state after round 3 (tensors + JSON metadata)
+      summary.png            loss / accuracy per round
+
+Every write that replaces a file goes to a temp file in the same folder first and is renamed
+(atomic on POSIX), so a run killed at any moment leaves the previous checkpoint intact. Metrics are
+appended a line at a time and fsynced; a torn last line (kill mid-write) is skipped when reading.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from aiflow_fl.config import AiflowConfig, load_config, to_dict, to_yaml
+from aiflow_fl.errors import AiflowError
+
+_CKPT = re.compile(r"^round-(\d+)\.safetensors$")
+# Config sections that may differ when a run is resumed (where it lives, how long it runs, resources).
+RESUMABLE_CHANGES = ("run", "federation.rounds", "federation.client_cpus", "federation.client_timeout_s")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@dataclass
+class Checkpoint:
+    server_round: int
+    tensors: dict[str, np.ndarray]
+    meta: dict[str, Any]
+    path: Path
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        full = f"{prefix}{key}"
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            out += _differences(a[key], b[key], full + ".")
+        elif a.get(key) != b.get(key):
+            out.append(full)
+    return out
+
+
+class RunFolder:
+    """A run's folder: config snapshot, metrics log, atomic checkpoints, summary plot."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @classmethod
+    def create(cls, cfg: AiflowConfig) -> "RunFolder":
+        """A new run folder (``run.dir`` or ``runs/<UTC time>``) with the config snapshot."""
+        path = Path(cfg.run.dir) if cfg.run.dir else Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        if path.exists() and any(path.iterdir()):
+            raise AiflowError(
+                f"Run folder {path} already exists and is not empty. Resume it with run.resume={path}, or choose "
+                "another run.dir."
+            )
+        folder = cls(path)
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(folder.config_path, to_yaml(cfg).encode())
+        return folder
+
+    @classmethod
+    def open_for_resume(cls, path: str | Path, cfg: AiflowConfig) -> "RunFolder":
+        """An existing run folder; the config must match its snapshot except for RESUMABLE_CHANGES."""
+        folder = cls(path)
+        if not folder.config_path.is_file():
+            raise AiflowError(f"run.resume={path} is not a run folder (no config.yaml in it).")
+        saved = to_dict(load_config(config_file=folder.config_path))
+        changed = [k for k in _differences(saved, to_dict(cfg)) if not any(k == r or k.startswith(r + ".") for r in RESUMABLE_CHANGES)]
+        if changed:
+            raise AiflowError(
+                f"Cannot resume {path}: the config differs from the run's snapshot in {', '.join(changed)}. Only "
+                f"{', '.join(RESUMABLE_CHANGES)} may change on resume; drop those overrides or start a new run."
+            )
+        return folder
+
+    # --- metrics -------------------------------------------------------------------------------
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one JSON line (fsynced: a killed run keeps every finished line)."""
+        line = json.dumps({"time": round(time.time(), 3), **record}, default=float)
+        with open(self.metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def records(self, kind: str | None = None) -> list[dict[str, Any]]:
+        if not self.metrics_path.is_file():
+            return []
+        out = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a kill
+            if kind is None or record.get("kind") == kind:
+                out.append(record)
+        return out
+
+    def truncate_after(self, server_round: int) -> None:
+        """Drop records of rounds after ``server_round`` (they were not checkpointed: resume redoes them)."""
+        kept = [r for r in self.records() if int(r.get("round", 0)) <= server_round]
+        atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self, server_round: int, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
+        """Write ``checkpoints/round-R.safetensors`` atomically (temp file, fsync, rename)."""
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        path = self.checkpoint_dir / f"round-{server_round:04d}.safetensors"
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=self.checkpoint_dir)
+        os.close(fd)
+        try:
+            arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+            save_file(arrays, tmp, metadata={"round": str(server_round), "meta": json.dumps(meta)})
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        if not self.checkpoint_dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.checkpoint_dir.iterdir() if (m := _CKPT.match(p.name))]
+        return sorted(found)
+
+    def load_checkpoint(self, path: Path) -> Checkpoint:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as fh:
+            metadata = fh.metadata() or {}
+        return Checkpoint(int(metadata["round"]), load_file(str(path)), json.loads(metadata.get("meta", "{}")), path)
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        """The newest readable checkpoint (an unreadable newest one is skipped, never trusted)."""
+        for _, path in reversed(self.checkpoints()):
+            try:
+                return self.load_checkpoint(path)
+            except Exception:  # corrupt file: fall back to the one before
+                continue
+        return None
+
+    # --- summary -------------------------------------------------------------------------------
+    def plot(self) -> Path:
+        """summary.png: training loss and held-out loss / accuracy per round."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        train = self.records("train")
+        evals = self.records("eval")
+        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+        if train:
+            ax_loss.plot([r["round"] for r in train], [r["train-loss"] for r in train], "o-", label="train loss (clients)")
+        if evals:
+            ax_loss.plot([r["round"] for r in evals], [r["eval-loss"] for r in evals], "s-", label="held-out loss (server)")
+            ax_acc.plot([r["round"] for r in evals], [r["eval-accuracy"] for r in evals], "s-", color="C2", label="held-out next-token accuracy")
+        ax_loss.set_xlabel("round")
+        ax_loss.set_ylabel("cross-entropy")
+        ax_loss.legend()
+        ax_acc.set_xlabel("round")
+        ax_acc.set_ylabel("accuracy")
+        ax_acc.legend()
+        fig.suptitle(f"federated run {self.path.name}")
+        fig.tight_layout()
+        out = self.path / "summary.png"
+        tmp = self.path / ".summary.tmp.png"
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, out)
+        return out
