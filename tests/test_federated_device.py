@@ -1,0 +1,167 @@
+"""Device side of federated fine-tuning: members, LoRA conversion, local loop, state, run folder."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from peft import get_peft_model_state_dict
+
+from aiflow_fl.aggregation.update import AdapterUpdate, LoraFactors
+from aiflow_fl.config import load_config
+from aiflow_fl.data import TokenChunks
+from aiflow_fl.errors import AiflowError
+from aiflow_fl.federated.device import device_profile
+from aiflow_fl.federated.local import (
+    default_optimizer,
+    evaluate,
+    optimizer_state_arrays,
+    restore_optimizer_state,
+    round_batches,
+    train_local,
+)
+from aiflow_fl.federated.lora import attach_lora, extract_update, fold_base, load_update
+from aiflow_fl.federated.member import Member, exit_layers, truncate_layers
+from aiflow_fl.federated.run import RunFolder
+from aiflow_fl.layers import embed, head, positions, run_layers
+from aiflow_fl.models import tiny_model
+
+
+def _member(model) -> Member:
+    return Member("exit-2", model, None, lambda p: p, model.config.num_hidden_layers)
+
+
+def _randomize_lora(peft_model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_early_exit_member_equals_the_backbone_run_to_layer_k(tiny):
+    ids = torch.randint(0, 1000, (1, 10))
+    with torch.no_grad():
+        reference = head(tiny, run_layers(tiny, embed(tiny, ids), 0, 2, positions(0, 10)))
+        member = truncate_layers(copy.deepcopy(tiny), 2)
+        torch.testing.assert_close(member(ids).logits, reference, atol=1e-5, rtol=1e-5)
+    assert exit_layers("eesb-1", 30, [0.35, 0.6]) == 18 and exit_layers("exit-3", 30, []) == 3
+    with pytest.raises(AiflowError, match="eesb-i"):
+        exit_layers("big", 30, [0.5])
+
+
+def test_extracted_update_equals_peft_merge(tiny):
+    """ΔW of the update (scaling·B@A) is exactly what peft's own merge adds to each weight."""
+    base = copy.deepcopy(tiny)
+    peft_model = attach_lora(tiny, rank=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    _randomize_lora(peft_model)
+    update = extract_update(peft_model, _member(base), alpha=8.0, num_examples=5)
+    assert update.num_examples == 5 and len(update.layers) == 2 * tiny.config.num_hidden_layers
+    merged = peft_model.merge_and_unload()
+    for key, factors in update.layers.items():
+        w_merged = merged.get_submodule(key).weight
+        w_base = base.get_submodule(key).weight
+        torch.testing.assert_close(w_merged - w_base, factors.delta(), atol=1e-6, rtol=1e-5)
+
+
+def test_load_update_roundtrips_and_rejects_wrong_shapes(tiny):
+    src = attach_lora(copy.deepcopy(tiny), 4, 8.0, 0.0, ["q_proj", "v_proj"])
+    _randomize_lora(src, seed=3)
+    update = extract_update(src, _member(tiny), 8.0, 1)
+    dst = attach_lora(copy.deepcopy(tiny), 4, 8.0, 0.0, ["q_proj", "v_proj"], seed=9)
+    assert load_update(dst, _member(tiny), update, 8.0) == len(update.layers)
+    for k, v in get_peft_model_state_dict(src).items():
+        torch.testing.assert_close(get_peft_model_state_dict(dst)[k], v)
+    bad = AdapterUpdate({k: LoraFactors(f.A[:2], f.B[:, :2], f.scaling) for k, f in update.layers.items()}, 1)
+    with pytest.raises(ValueError, match="shape"):
+        load_update(dst, _member(tiny), bad, 8.0)
+    with pytest.raises(ValueError, match="lacks"):
+        load_update(dst, _member(tiny), AdapterUpdate({"model.layers.99.q_proj": update.layers[next(iter(update.layers))]}, 1), 8.0)
+
+
+def test_fold_base_matches_peft_merged_model(tiny):
+    src = attach_lora(copy.deepcopy(tiny), 4, 8.0, 0.0, ["q_proj", "o_proj"])
+    _randomize_lora(src, seed=5)
+    update = extract_update(src, _member(tiny), 8.0, 1)
+    reference = src.merge_and_unload()
+    folded = copy.deepcopy(tiny)
+    assert fold_base(folded, _member(folded), update) == len(update.layers)
+    ids = torch.randint(0, 1000, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(folded(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_round_batches_walk_all_data_before_repeating_and_continue_across_rounds():
+    one, end = round_batches(10, 3, 6, 0, seed=1)
+    first, mid = round_batches(10, 3, 2, 0, seed=1)
+    second, end2 = round_batches(10, 3, 4, mid, seed=1)
+    assert first + second == one and end == end2 == 18
+    flat = [i for b in one for i in b]
+    assert sorted(flat[:10]) == list(range(10))
+
+
+def test_local_training_lowers_loss_and_evaluate_matches_transformers_loss(tiny):
+    ids = torch.randint(0, 500, (4, 16))
+    model = attach_lora(tiny, 8, 16.0, 0.0, ["q_proj", "v_proj", "o_proj"])
+    chunks = TokenChunks(ids, ["x"] * 4)
+    before = evaluate(model, chunks, batch_size=2)
+    with torch.no_grad():
+        assert before["eval-loss"] == pytest.approx(model(input_ids=ids, labels=ids).loss.item(), rel=1e-5)
+    opt = default_optimizer([p for p in model.parameters() if p.requires_grad], 1e-2)
+    result = train_local(model, [ids] * 15, opt)
+    assert result.steps == 15 and result.tokens == 15 * 64 and result.peak_rss_mb > 0
+    after = evaluate(model, chunks, batch_size=2)
+    assert after["eval-loss"] < before["eval-loss"] - 0.1
+    assert 0.0 <= after["eval-accuracy"] <= 1.0
+
+
+def test_optimizer_state_survives_a_round_trip(tiny):
+    model = attach_lora(tiny, 4, 8.0, 0.0, ["q_proj"])
+    names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = default_optimizer(params, 1e-3)
+    train_local(model, [torch.randint(0, 500, (2, 8))] * 2, opt)
+    saved = optimizer_state_arrays(opt, names)
+    fresh = default_optimizer(params, 1e-3)
+    assert restore_optimizer_state(fresh, names, saved) == len(params)
+    for p in params:
+        torch.testing.assert_close(fresh.state[p]["exp_avg"], opt.state[p]["exp_avg"])
+
+
+def test_device_profile_from_node_config_and_defaults():
+    cfg = load_config(["federation.members=[exit-1,exit-2]", "federation.ranks=[2,4,8]", "federation.num_edges=2"])
+    p = device_profile({"partition-id": 3, "num-partitions": 4}, cfg)
+    assert (p.member, p.lora_rank, p.edge_id) == ("exit-2", 2, 1)
+    p = device_profile({"partition-id": 0, "num-partitions": 2, "member": "full", "lora-rank": 16, "edge-id": 5}, cfg)
+    assert (p.member, p.lora_rank, p.edge_id) == ("full", 16, 5)
+    with pytest.raises(AiflowError, match="partition-id"):
+        device_profile({"partition-id": 2, "num-partitions": 2}, cfg)
+    with pytest.raises(AiflowError, match="lora-rank"):
+        device_profile({"lora-rank": 0}, cfg)
+
+
+def test_run_folder_checkpoints_are_atomic_and_resume_checks_the_config(tmp_path):
+    cfg = load_config([f"run.dir={tmp_path / 'r'}"])
+    run = RunFolder.create(cfg)
+    run.save_checkpoint(1, {"w": np.ones(3, np.float32)}, {"note": "one"})
+    run.save_checkpoint(2, {"w": np.full(3, 2, np.float32)}, {"note": "two"})
+    (run.checkpoint_dir / "round-0003.safetensors").write_bytes(b"torn write")  # a corrupt newest file
+    latest = run.latest_checkpoint()
+    assert latest.server_round == 2 and latest.meta == {"note": "two"} and latest.tensors["w"].tolist() == [2, 2, 2]
+    assert not list(run.checkpoint_dir.glob(".*"))  # no temp files left behind
+    run.log({"round": 1, "kind": "eval", "eval-loss": 2.0, "eval-accuracy": 0.1})
+    run.log({"round": 3, "kind": "eval", "eval-loss": 1.0, "eval-accuracy": 0.2})
+    with open(run.metrics_path, "a") as fh:
+        fh.write('{"round": 4, "kind": "ev')  # killed mid-line
+    assert [r["round"] for r in run.records()] == [1, 3]
+    run.truncate_after(2)
+    assert [r["round"] for r in run.records()] == [1]
+    with pytest.raises(AiflowError, match="already exists"):
+        RunFolder.create(cfg)
+    RunFolder.open_for_resume(tmp_path / "r", load_config([f"run.dir={tmp_path / 'r'}", "federation.rounds=9"]))
+    with pytest.raises(AiflowError, match="lora.rank"):
+        RunFolder.open_for_resume(tmp_path / "r", load_config([f"run.dir={tmp_path / 'r'}", "lora.rank=3"]))
+    assert run.plot().stat().st_size > 1000
