@@ -1,0 +1,452 @@
+"""Differential privacy for devices' LoRA training: Opacus DP-SGD with an accountant kept across rounds.
+
+**Client-side DP-SGD** (Abadi et al. 2016, as implemented by Opacus): every local step draws a batch by
+Poisson sampling (each of the device's n examples joins independently with probability q = 1/⌈n/b⌉),
+computes one gradient *per example* of the LoRA parameters only (the backbone is frozen), clips each to
+L2 norm ≤ C (``max_grad_norm``), sums them, adds Gaussian noise N(0, σ²C²) per coordinate and divides by
+the expected batch size qn. The protected unit is **one training example (one token chunk) of one
+device**: the device's ε bounds how much any single example can change what the device sends.
+
+**Accounting over the whole run.** A device composes every DP step it ever takes: its Opacus
+accountant's history (σ, q, steps) lives in Flower's ``context.state`` between rounds (see
+:func:`load_accountant` / :func:`save_accountant`), so the ε it reports after round R is that of all
+R·steps steps, exactly what Opacus's accountant reports for that history. (Flower's own Opacus example
+builds a new PrivacyEngine each round and so reports the ε of one round only.) With a target ε the
+noise σ is derived once, by Opacus's ``get_noise_multiplier``, for the total number of steps the
+device will take in the run, so the final ε is ≤ the target.
+
+**Opacus + PEFT (opacus issue #820).** That report is of LoRA weights that silently never change
+under Opacus: hooks and the optimizer held references to parameters that were replaced after they
+were registered (lazy materialisation / moving the model after wrapping). Here the peft model is
+complete and on its device before anything is wrapped, Opacus attaches hooks to the model in place
+(``wrap_model=False``: no wrapper, no renamed parameters), ``make_private`` checks that the optimizer
+holds exactly the model's parameters, and the tests compare Opacus's per-example gradients and the
+applied update with per-example gradients computed independently by plain autograd.
+
+**Loss.** Opacus's sensitivity argument needs each example's gradient to depend on that example only.
+Hugging Face's built-in loss averages over all tokens of the batch, which couples examples through
+the token count; :func:`per_example_lm_loss` averages within each example and then over examples.
+
+**Central DP** (``privacy.server_side``): Flower's ``DifferentialPrivacyServerSideFixedClipping``
+(McMahan et al. 2018) clips each device's whole update to norm C_s and adds N(0, (σ_s C_s / m)²) to the
+mean of m updates; the protected unit is **one device**. See :func:`wrap_server_side`.
+
+Pure computation; no Flower I/O beyond (de)serialising the accountant into a ConfigRecord.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from aiflow_fl.errors import AiflowError
+
+ACCOUNTANTS = ("rdp", "prv")
+STATE_KEY = "aiflow.dp-accountant"  # ConfigRecord in a client's context.state
+
+
+# --------------------------------------------------------------------------- checks and planning
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def check_privacy_values(
+    *,
+    noise_multiplier: float | None,
+    target_epsilon: float,
+    delta: float,
+    max_grad_norm: float,
+    accountant: str = "rdp",
+) -> None:
+    """Data-independent checks of the ``privacy`` section (run before any training)."""
+    if noise_multiplier is not None and not noise_multiplier > 0:
+        raise AiflowError(
+            f"privacy.noise_multiplier is {noise_multiplier}; it must be > 0 (the Gaussian noise's standard "
+            "deviation in units of max_grad_norm), or null to derive it from privacy.target_epsilon."
+        )
+    if noise_multiplier is None and not target_epsilon > 0:
+        raise AiflowError(
+            f"privacy.target_epsilon is {target_epsilon}; it must be > 0 (typical values 1-10; smaller = more "
+            "private). Or give privacy.noise_multiplier directly."
+        )
+    if not max_grad_norm > 0:
+        raise AiflowError(
+            f"privacy.max_grad_norm is {max_grad_norm}; it must be > 0 (the per-example gradient clipping "
+            "bound C; 0.1-1 is usual for LoRA)."
+        )
+    if not 0 < delta < 1:
+        raise AiflowError(f"privacy.delta is {delta}; it must be in (0, 1) and below 1/(examples on the device).")
+    if accountant not in ACCOUNTANTS:
+        raise AiflowError(f"privacy.accountant is '{accountant}', which is not one of: {', '.join(ACCOUNTANTS)}.")
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """The DP-SGD settings of one device for the whole run."""
+
+    noise_multiplier: float  # sigma
+    max_grad_norm: float  # C
+    delta: float
+    sample_rate: float  # q = 1 / ceil(n / batch_size), as Opacus derives it from the data loader
+    expected_batch_size: int  # int(n q), Opacus's divisor
+    num_examples: int
+    planned_steps: int  # steps the noise was derived for (rounds x local steps)
+    accountant: str = "rdp"
+
+    def to_config(self) -> dict[str, Any]:
+        return {f"plan.{k}": v for k, v in self.__dict__.items()}
+
+
+def opacus_sample_rate(num_examples: int, batch_size: int) -> float:
+    """q exactly as ``PrivacyEngine.make_private`` computes it: 1 / len(DataLoader(n, batch_size))."""
+    return 1.0 / math.ceil(num_examples / batch_size)
+
+
+def plan_dp(
+    *,
+    num_examples: int,
+    batch_size: int,
+    steps_per_round: int,
+    rounds: int,
+    noise_multiplier: float | None,
+    target_epsilon: float,
+    delta: float,
+    max_grad_norm: float,
+    accountant: str = "rdp",
+    num_trainable: int | None = None,
+) -> DPPlan:
+    """Validate a device's DP settings against its data and derive σ (Opacus's ``get_noise_multiplier``).
+
+    Raises :class:`AiflowError` before any training for: σ, ε or C ≤ 0, δ ≥ 1/n, no trainable LoRA
+    parameters, or a target ε that no finite noise reaches.
+    """
+    check_privacy_values(
+        noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, delta=delta,
+        max_grad_norm=max_grad_norm, accountant=accountant,
+    )
+    if num_trainable is not None and num_trainable <= 0:
+        raise AiflowError(
+            "Differential privacy was asked for (privacy.enabled=true) on a member with no trainable LoRA "
+            f"parameters ({num_trainable} trainable tensors): check lora.target_modules names modules that "
+            "exist in this member (e.g. q_proj, v_proj) and that the member has at least one decoder layer."
+        )
+    if num_examples < 1:
+        raise AiflowError(f"A device with DP must hold at least one training example; it has {num_examples}.")
+    if delta >= 1.0 / num_examples:
+        raise AiflowError(
+            f"privacy.delta is {delta:g} but this device holds {num_examples} examples: delta must be < "
+            f"1/{num_examples} = {1.0 / num_examples:.3g} (otherwise a mechanism that publishes one example "
+            "in the clear satisfies the guarantee). Use e.g. privacy.delta=1e-5."
+        )
+    if batch_size < 1 or steps_per_round < 1 or rounds < 1:
+        raise AiflowError(
+            f"DP needs batch_size, local steps and rounds ≥ 1; got {batch_size}, {steps_per_round}, {rounds}."
+        )
+    q = opacus_sample_rate(num_examples, batch_size)
+    total = steps_per_round * rounds
+    if noise_multiplier is None:
+        from opacus.accountants.utils import get_noise_multiplier
+
+        try:
+            sigma = float(get_noise_multiplier(
+                target_epsilon=target_epsilon, target_delta=delta, sample_rate=q, steps=total,
+                accountant=accountant, epsilon_tolerance=0.01,
+            ))
+        except ValueError as exc:
+            raise AiflowError(
+                f"privacy.target_epsilon={target_epsilon} at delta={delta:g} cannot be reached for {total} steps "
+                f"at sample rate {q:.3g} ({exc}); raise the target or train fewer steps."
+            ) from None
+    else:
+        sigma = float(noise_multiplier)
+    return DPPlan(
+        noise_multiplier=sigma, max_grad_norm=float(max_grad_norm), delta=float(delta), sample_rate=q,
+        expected_batch_size=int(num_examples * q), num_examples=num_examples, planned_steps=total,
+        accountant=accountant,
+    )
+
+
+def plan_from_config(privacy: Any, *, num_examples: int, batch_size: int, steps_per_round: int, rounds: int,
+                     model: nn.Module | None = None) -> DPPlan:
+    """:func:`plan_dp` from a ``PrivacyConfig`` (and, if given, the peft model whose LoRA params train)."""
+    return plan_dp(
+        num_examples=num_examples, batch_size=batch_size, steps_per_round=steps_per_round, rounds=rounds,
+        noise_multiplier=privacy.noise_multiplier, target_epsilon=privacy.target_epsilon, delta=privacy.delta,
+        max_grad_norm=privacy.max_grad_norm, accountant=privacy.accountant,
+        num_trainable=None if model is None else len(trainable_parameters(model)),
+    )
+
+
+# --------------------------------------------------------------------------- the accountant across rounds
+
+
+class ClientAccountant:
+    """One device's Opacus accountant; its history (σ, q, steps) survives rounds in ``context.state``."""
+
+    def __init__(self, mechanism: str = "rdp", history: list[tuple[float, float, int]] | None = None) -> None:
+        from opacus.accountants import create_accountant
+
+        if mechanism not in ACCOUNTANTS:
+            raise AiflowError(f"privacy.accountant is '{mechanism}', which is not one of: {', '.join(ACCOUNTANTS)}.")
+        self.mechanism = mechanism
+        self.accountant = create_accountant(mechanism=mechanism)
+        self.accountant.history = [(float(s), float(q), int(n)) for s, q, n in (history or [])]
+
+    @property
+    def steps(self) -> int:
+        return sum(n for _, _, n in self.accountant.history)
+
+    def epsilon(self, delta: float) -> float:
+        """ε spent so far at δ, composed over every step in the history (0 before the first step)."""
+        if not self.accountant.history:
+            return 0.0
+        return float(self.accountant.get_epsilon(delta=delta))
+
+    def to_config(self) -> dict[str, Any]:
+        history = self.accountant.history
+        return {
+            "mechanism": self.mechanism,
+            "noise": [float(s) for s, _, _ in history],
+            "sample-rate": [float(q) for _, q, _ in history],
+            "steps": [int(n) for _, _, n in history],
+        }
+
+    @classmethod
+    def from_config(cls, record: Any) -> "ClientAccountant":
+        noise, rates, steps = list(record["noise"]), list(record["sample-rate"]), list(record["steps"])
+        if not len(noise) == len(rates) == len(steps):
+            raise ValueError("accountant record has lists of different lengths")
+        return cls(str(record["mechanism"]), list(zip(noise, rates, steps)))
+
+
+def load_accountant(state: Any, mechanism: str = "rdp") -> ClientAccountant:
+    """The device's accountant from Flower's ``context.state`` (a RecordDict); a fresh one the first time."""
+    if STATE_KEY in state:
+        accountant = ClientAccountant.from_config(state[STATE_KEY])
+        if accountant.mechanism != mechanism:
+            raise AiflowError(
+                f"This device's privacy history was accounted with '{accountant.mechanism}' but "
+                f"privacy.accountant is now '{mechanism}'; accountants cannot be mixed within one run."
+            )
+        return accountant
+    return ClientAccountant(mechanism)
+
+
+def save_accountant(state: Any, accountant: ClientAccountant) -> None:
+    from flwr.app import ConfigRecord
+
+    state[STATE_KEY] = ConfigRecord(accountant.to_config())
+
+
+def independent_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+                        mechanism: str = "rdp") -> float:
+    """ε of ``steps`` sampled-Gaussian steps, from a fresh Opacus accountant (the tests' reference)."""
+    return ClientAccountant(mechanism, [(noise_multiplier, sample_rate, steps)]).epsilon(delta)
+
+
+# --------------------------------------------------------------------------- DP-SGD on LoRA
+
+
+def per_example_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+    """Next-token cross-entropy of each example, averaged over its own predicted tokens: shape (B,)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    targets = input_ids[:, 1:]
+    token_loss = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none"
+    ).view(targets.shape)
+    if attention_mask is None:
+        return token_loss.mean(dim=1)
+    mask = attention_mask[:, 1:].to(token_loss.dtype)
+    return (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+class PrivateLoraTraining:
+    """DP-SGD on a peft model's trainable (LoRA) parameters with Opacus, for one round.
+
+    ``make_private`` attaches Opacus's per-example gradient hooks to ``model`` in place, wraps
+    ``optimizer`` in a ``DPOptimizer`` (clip, noise, average) and turns the data into a Poisson-sampled
+    loader; the device's ``accountant`` records every step. Call :meth:`close` after the round (removes
+    the hooks so evaluation and the next round see a plain model).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        input_ids: torch.Tensor,
+        batch_size: int,
+        plan: DPPlan,
+        accountant: ClientAccountant,
+        noise_generator: torch.Generator | None = None,
+    ) -> None:
+        from opacus import PrivacyEngine
+        from torch.utils.data import DataLoader, TensorDataset
+
+        params = trainable_parameters(model)
+        if not params:
+            raise AiflowError("DP-SGD was asked for on a model with no trainable (LoRA) parameters.")
+        if accountant.mechanism != plan.accountant:
+            raise AiflowError(f"accountant '{accountant.mechanism}' does not match the plan's '{plan.accountant}'.")
+        self.model = model
+        self.params = params
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "secure RNG turned off": documented, not a user error
+            engine = PrivacyEngine(accountant=plan.accountant)
+        engine.accountant = accountant.accountant  # compose onto this device's whole history
+        loader = DataLoader(TensorDataset(input_ids), batch_size=batch_size)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.hooks, self.optimizer, self.loader = engine.make_private(
+                module=model, optimizer=optimizer, data_loader=loader,
+                noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
+                poisson_sampling=True, wrap_model=False, noise_generator=noise_generator,
+            )
+        if abs(1.0 / len(self.loader) - plan.sample_rate) > 1e-12:
+            raise AiflowError(
+                f"This round's data ({len(input_ids)} examples, batch {batch_size}) gives sample rate "
+                f"{1.0 / len(self.loader):.4g}, not the planned {plan.sample_rate:.4g}; plan with the same data."
+            )
+        self.accountant = accountant
+        self.plan = plan
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        """Endless Poisson-sampled batches (size varies; possibly 0)."""
+        while True:
+            for (batch,) in self.loader:
+                yield batch
+
+    def step(self, input_ids: torch.Tensor, loss_fn: LossFn = per_example_lm_loss) -> float | None:
+        """One DP-SGD step on this batch; returns its mean loss (None for an empty Poisson batch).
+
+        An empty batch is still a step of the mechanism (the released update is pure noise) and is
+        accounted: skipping it would reveal that no example was drawn.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_value: float | None = None
+        if input_ids.shape[0] == 0:
+            for p in self.params:
+                p.grad_sample = p.new_zeros((0, *p.shape))
+        else:
+            loss = loss_fn(self.model, input_ids).mean()  # mean over examples: Opacus loss_reduction="mean"
+            with warnings.catch_warnings():
+                # Opacus's full backward hooks fire w.r.t. module outputs (frozen inputs): expected.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                loss.backward()
+            loss_value = float(loss.detach())
+        self.optimizer.step()
+        return loss_value
+
+    def train(self, steps: int, loss_fn: LossFn = per_example_lm_loss) -> list[float]:
+        """``steps`` DP-SGD steps on Poisson batches; returns the losses of the non-empty ones."""
+        losses = []
+        batches = self.batches()
+        for _ in range(steps):
+            loss = self.step(next(batches), loss_fn)
+            if loss is not None:
+                losses.append(loss)
+        return losses
+
+    def close(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.params:
+            for attr in ("grad_sample", "summed_grad"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+        self.hooks.cleanup()
+
+
+def dp_metrics(accountant: ClientAccountant, plan: DPPlan) -> dict[str, float]:
+    """What a device reports each round (MetricRecord-ready)."""
+    return {
+        "dp-epsilon": accountant.epsilon(plan.delta),
+        "dp-delta": plan.delta,
+        "dp-noise-multiplier": plan.noise_multiplier,
+        "dp-sample-rate": plan.sample_rate,
+        "dp-steps": float(accountant.steps),
+    }
+
+
+# --------------------------------------------------------------------------- central (server-side) DP
+
+SERVER_DP_STRATEGIES = ("fedavg", "fedit", "ffa")
+
+
+def check_server_side(cfg: Any) -> None:
+    """Central DP clips and averages the replies' arrays key by key, so every device must send the same
+    keys and shapes and the aggregate must be a mean of them: homogeneous members and ranks and a
+    parameter-averaging strategy. Anything else would give noise calibrated to the wrong sensitivity."""
+    p = cfg.privacy
+    if not p.server_noise_multiplier > 0:
+        raise AiflowError(f"privacy.server_noise_multiplier is {p.server_noise_multiplier}; it must be > 0.")
+    if not p.server_clipping_norm > 0:
+        raise AiflowError(f"privacy.server_clipping_norm is {p.server_clipping_norm}; it must be > 0.")
+    if cfg.strategy not in SERVER_DP_STRATEGIES:
+        raise AiflowError(
+            f"privacy.server_side=true needs a strategy that averages the devices' arrays "
+            f"({', '.join(SERVER_DP_STRATEGIES)}); strategy is '{cfg.strategy}'."
+        )
+    members, ranks = set(cfg.federation.members), set(cfg.federation.ranks)
+    if len(members) > 1 or len(ranks) > 1:
+        raise AiflowError(
+            "privacy.server_side=true needs every device to send arrays of the same keys and shapes, but "
+            f"federation.members={cfg.federation.members} and federation.ranks={cfg.federation.ranks} differ "
+            "across devices; use one member and one rank (or client-side DP, privacy.enabled=true)."
+        )
+
+
+def server_side_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
+    """Device-level ε of ``releases`` rounds of the central Gaussian mechanism, no sampling amplification
+    (q = 1: Flower samples a fixed number of devices), with Opacus's RDP accountant."""
+    return independent_epsilon(noise_multiplier, 1.0, releases, delta, "rdp") if releases else 0.0
+
+
+def wrap_server_side(strategy: Any, cfg: Any, num_sampled_clients: int) -> Any:
+    """Flower's ``DifferentialPrivacyServerSideFixedClipping`` around ``strategy``, with two fixes:
+    replies are matched to the global arrays by key (Flower's wrapper zips them by position) and each
+    round's aggregated metrics carry ``dp-server-epsilon`` (Opacus RDP, q = 1)."""
+    from flwr.app import ArrayRecord
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+
+    check_server_side(cfg)
+    delta = cfg.privacy.delta
+
+    class KeyedServerSideDP(DifferentialPrivacyServerSideFixedClipping):
+        releases = 0
+
+        def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]
+            replies = list(replies)
+            keys = list(self.current_arrays.keys())
+            for reply in replies:
+                if reply.has_error():
+                    continue
+                for name, record in list(reply.content.array_records.items()):
+                    if set(record.keys()) != set(keys):
+                        missing = sorted(set(keys) ^ set(record.keys()))[:3]
+                        raise AiflowError(
+                            f"Central DP: a reply's '{name}' arrays differ from the global ones ({missing}...); "
+                            "every device must send the same keys and shapes."
+                        )
+                    reply.content[name] = ArrayRecord({k: record[k] for k in keys})
+            arrays, metrics = super().aggregate_train(server_round, replies)
+            if arrays is not None:
+                self.releases += 1
+                if metrics is not None:
+                    metrics["dp-server-epsilon"] = server_side_epsilon(self.noise_multiplier, self.releases, delta)
+            return arrays, metrics
+
+    return KeyedServerSideDP(
+        strategy, noise_multiplier=cfg.privacy.server_noise_multiplier,
+        clipping_norm=cfg.privacy.server_clipping_norm, num_sampled_clients=num_sampled_clients,
+    )
