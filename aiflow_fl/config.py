@@ -29,7 +29,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 ALLOWED: dict[str, tuple[str, ...]] = {
     "strategy": ("fedavg", "fedit", "ffa", "flora", "flexlora", "hetlora", "fedexlora"),
     "data.partitioner": ("iid", "dirichlet", "pathological"),
-    "family.kind": ("eesb", "hpcd"),
+    "family.kind": ("eesb", "hpcd", "both"),
     "family.branch_training.main": ("frozen", "lora", "full"),
     "family.branch_training.subset": ("all", "random", "sequential", "loss_adaptive"),
     "privacy.accountant": ("rdp", "prv"),
@@ -45,21 +45,29 @@ class ModelConfig:
 
 @dataclass
 class BranchTrainingConfig:
-    steps: int = 0  # 0: keep the whitened-SVD initialisation
+    steps: int = 0  # optimizer steps; 0: keep the whitened-SVD initialisation
     lr: float = 1e-4
     batch_size: int = 4
     seq_len: int = 128
     main: str = "frozen"  # frozen | lora | full
     subset: str = "all"  # branches trained per step: all | random | sequential | loss_adaptive
-    kl_weight: float = 0.0
+    subset_size: int = 1  # branches per subset when subset != all
+    accumulate: int = 1  # subsets whose gradients are accumulated before one optimizer step
+    kl_weight: float = 0.0  # weight of KL(full model ‖ branch) added to the CE
+    lora_rank: int = 8  # main=lora: rank of the LoRA on the shared layers (merged after training)
+    hpcd_steps: int = 0  # progressive HPCD training steps per component (0: SVD initialisation only)
+    hpcd_kl_weight: float = 0.4  # HPCD loss = CE + λ·KL(teacher ‖ student), λ from the paper
 
 
 @dataclass
 class FamilyConfig:
     dir: str = "runs/family"  # where `aiflow family build` writes the family
-    kind: str = "eesb"
+    kind: str = "eesb"  # members to build: eesb | hpcd | both
     # EESB members as fractions of the backbone's parameters; HPCD as numbers of components.
     budgets: list[float] = field(default_factory=lambda: [0.35, 0.6])
+    # Explicit EESB members instead of budgets: exit layers and branch ratios (same length).
+    exits: list[int] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)
     hpcd_components: int = 3
     hpcd_ratio: float = 0.2  # parameter ratio of each HPCD component
     calibration_samples: int = 32
