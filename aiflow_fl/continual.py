@@ -1,0 +1,271 @@
+"""Edge-continual learning: a device's data arrives in stages, an optional replay buffer, forgetting.
+
+**Stages.** A run of R rounds is cut into S stages of (almost) equal length: round r (1-based) belongs
+to stage ``(r-1)·S // R``. During stage k a device trains on the data that arrived in stage k: its
+partition of the stage's data source, ``continual.domains[k % len]`` (by default pydoc topics first,
+then standard-library source code — two genuinely different domains).
+
+**Replay** (experience replay, e.g. Chaudhry et al. 2019 "On Tiny Episodic Memories"): when stage k
+ends, a few of its examples are kept on the device in a buffer of ``buffer_size`` examples;
+``reservoir`` keeps a uniform sample of every example seen so far (Vitter's algorithm R over the
+stream), ``stage`` keeps an equal share per past stage. While training on a later stage, a fraction
+``replay_fraction`` of every batch is drawn from the buffer, the rest from the current stage, so a run
+with replay costs the same compute per step as one without. The buffer lives in the client's
+``context.state`` (arrays + a config record) between rounds.
+
+**Metrics** (Chaudhry et al. 2018, "Riemannian Walk"): after round t, a_{t,j} is the accuracy on
+stage j's held-out data for every stage j seen so far; the forgetting of an earlier stage j is
+f_{t,j} = max_{l≤t} a_{l,j} − a_{t,j} ≥ 0 (the drop from the best accuracy it ever had), and the run
+reports their mean over the earlier stages (stages older than the current one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from aiflow_fl.errors import AiflowError
+
+REPLAY_MODES = ("none", "reservoir", "stage")
+STATE_KEY = "aiflow.replay"  # ConfigRecord (counters) + ArrayRecord (examples) in context.state
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def check_continual(*, stages: int, rounds: int, replay: str, replay_fraction: float, buffer_size: int,
+                    domains: Sequence[str] = ("pydoc", "stdlib")) -> None:
+    """Errors before any training: a schedule longer than the run, bad replay settings."""
+    if stages < 1:
+        raise AiflowError(f"continual.stages is {stages}; it must be >= 1.")
+    if stages > rounds:
+        raise AiflowError(
+            f"continual.stages is {stages} but the run has only {rounds} rounds (federation.rounds): every stage "
+            f"needs at least one round, so stages must be between 1 and {rounds}."
+        )
+    if replay not in REPLAY_MODES:
+        raise AiflowError(f"continual.replay is '{replay}', which is not one of: {', '.join(REPLAY_MODES)}.")
+    if not 0.0 <= replay_fraction < 1.0:
+        raise AiflowError(
+            f"continual.replay_fraction is {replay_fraction}; it must be in [0, 1) (the share of each batch drawn "
+            "from the replay buffer; 1 would never train on the new data)."
+        )
+    if replay != "none" and replay_fraction > 0 and buffer_size < 1:
+        raise AiflowError(f"continual.buffer_size is {buffer_size}; replay needs a buffer of at least 1 example.")
+    if not domains:
+        raise AiflowError("continual.domains is empty; give at least one data source (e.g. [pydoc, stdlib]).")
+
+
+def stage_of_round(server_round: int, rounds: int, stages: int) -> int:
+    """0-based stage of a 1-based round when ``rounds`` rounds are cut into ``stages`` equal stages."""
+    if not 1 <= server_round <= rounds:
+        raise AiflowError(f"Round {server_round} is outside the run's rounds 1..{rounds}.")
+    return (server_round - 1) * stages // rounds
+
+
+def stage_source(stage: int, domains: Sequence[str]) -> str:
+    return domains[stage % len(domains)]
+
+
+# --------------------------------------------------------------------------- replay buffer
+
+
+@dataclass
+class ReplayBuffer:
+    """Examples kept on a device for replay: reservoir over the stream, or an equal share per stage."""
+
+    capacity: int
+    mode: str = "reservoir"
+    examples: torch.Tensor | None = None  # (k, seq_len) token ids
+    stages: list[int] = field(default_factory=list)  # stage of each kept example
+    seen: int = 0  # examples offered so far (reservoir's n)
+    seed: int = 0
+
+    def __len__(self) -> int:
+        return 0 if self.examples is None else int(self.examples.shape[0])
+
+    def _rng(self) -> np.random.Generator:
+        # Derived from (seed, seen): a buffer restored from context.state continues the same stream.
+        return np.random.default_rng([self.seed, self.seen])
+
+    def add_stage(self, stage: int, input_ids: torch.Tensor) -> None:
+        """Offer every example of a finished stage (in stream order)."""
+        if self.capacity < 1 or input_ids.shape[0] == 0:
+            self.seen += int(input_ids.shape[0])
+            return
+        if self.mode == "reservoir":
+            self._reservoir(stage, input_ids)
+        elif self.mode == "stage":
+            self._per_stage(stage, input_ids)
+        else:
+            raise AiflowError(f"ReplayBuffer mode '{self.mode}' is not one of: reservoir, stage.")
+
+    def _reservoir(self, stage: int, input_ids: torch.Tensor) -> None:
+        rng = self._rng()
+        rows = list(self.examples) if self.examples is not None else []
+        for x in input_ids:
+            self.seen += 1
+            if len(rows) < self.capacity:
+                rows.append(x.clone())
+                self.stages.append(stage)
+            else:
+                j = int(rng.integers(0, self.seen))  # keep x with probability capacity / seen
+                if j < self.capacity:
+                    rows[j] = x.clone()
+                    self.stages[j] = stage
+        self.examples = torch.stack(rows)
+
+    def _per_stage(self, stage: int, input_ids: torch.Tensor) -> None:
+        rng = self._rng()
+        self.seen += int(input_ids.shape[0])
+        kept_stages = sorted(set(self.stages) | {stage})
+        share = max(1, self.capacity // len(kept_stages))
+        rows: list[torch.Tensor] = []
+        tags: list[int] = []
+        for s in kept_stages:
+            if s == stage:
+                pool = input_ids
+            else:
+                assert self.examples is not None
+                pool = self.examples[torch.as_tensor([i for i, t in enumerate(self.stages) if t == s])]
+            pick = rng.permutation(pool.shape[0])[:share]
+            rows += [pool[int(i)].clone() for i in sorted(pick)]
+            tags += [s] * len(pick)
+        self.examples, self.stages = torch.stack(rows[: self.capacity]), tags[: self.capacity]
+
+    def sample(self, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``k`` examples drawn uniformly with replacement (fewer only if the buffer is empty)."""
+        if self.examples is None or k <= 0:
+            return torch.empty((0, 0), dtype=torch.long)
+        idx = torch.randint(0, len(self), (k,), generator=generator)
+        return self.examples[idx]
+
+    # context.state -----------------------------------------------------------------------------
+    def to_records(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        config = {"capacity": self.capacity, "mode": self.mode, "seen": self.seen, "seed": self.seed,
+                  "stages": [int(s) for s in self.stages]}
+        arrays = {} if self.examples is None else {"examples": self.examples.numpy().copy()}
+        return config, arrays
+
+    @classmethod
+    def from_records(cls, config: Any, arrays: Any) -> "ReplayBuffer":
+        examples = None
+        if "examples" in arrays:
+            value = arrays["examples"]
+            examples = torch.from_numpy(np.array(value.numpy() if hasattr(value, "numpy") else value))
+        return cls(int(config["capacity"]), str(config["mode"]), examples, [int(s) for s in config["stages"]],
+                   int(config["seen"]), int(config["seed"]))
+
+
+def save_buffer(state: Any, buffer: ReplayBuffer, stage_done: int) -> None:
+    """Store the buffer (and the last stage already added to it) in a client's ``context.state``."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    config, arrays = buffer.to_records()
+    state[STATE_KEY] = ConfigRecord(config | {"stage-done": stage_done})
+    state[STATE_KEY + "-arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+
+def load_buffer(state: Any, capacity: int, mode: str, seed: int) -> tuple[ReplayBuffer, int]:
+    """(buffer, last stage already in it; -1 for none) from ``context.state``; an empty one the first time."""
+    if STATE_KEY in state:
+        config = state[STATE_KEY]
+        arrays = state[STATE_KEY + "-arrays"] if (STATE_KEY + "-arrays") in state else {}
+        return ReplayBuffer.from_records(config, arrays), int(config["stage-done"])
+    return ReplayBuffer(capacity, mode, seed=seed), -1
+
+
+def mixed_batches(current: torch.Tensor, buffer: ReplayBuffer, batch_size: int, steps: int,
+                  replay_fraction: float, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """``steps`` batches of ``batch_size``: round(f·b) replayed examples, the rest from ``current``
+    (without replacement within an epoch). Same batch size with or without replay: same compute."""
+    n_replay = int(round(replay_fraction * batch_size)) if len(buffer) else 0
+    n_new = batch_size - n_replay
+    order = torch.randperm(current.shape[0], generator=generator)
+    cursor = 0
+    for _ in range(steps):
+        if cursor + n_new > len(order):
+            order, cursor = torch.randperm(current.shape[0], generator=generator), 0
+        new = current[order[cursor:cursor + n_new]]
+        cursor += n_new
+        yield torch.cat([new, buffer.sample(n_replay, generator)]) if n_replay else new
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def forgetting(history: Sequence[dict[int, float]]) -> dict[int, float]:
+    """Forgetting of each earlier stage after the last entry of ``history``.
+
+    ``history[t][j]`` is the accuracy on stage j after round t (only stages seen by then). For every
+    stage j older than the newest stage in ``history[-1]``: best a_j so far − current a_j (≥ 0).
+    """
+    if not history:
+        return {}
+    now = history[-1]
+    newest = max(now)
+    out = {}
+    for j, acc in now.items():
+        if j >= newest:
+            continue
+        out[j] = max(h[j] for h in history if j in h) - acc  # best so far (this round included) - now
+    return out
+
+
+def continual_metrics(history: Sequence[dict[int, float]]) -> dict[str, float]:
+    """Per-round MetricRecord entries: ``stage``, ``stage-acc-j`` and ``forgetting-j`` / ``forgetting-mean``."""
+    now = history[-1]
+    out: dict[str, float] = {"stage": float(max(now))}
+    for j, acc in sorted(now.items()):
+        out[f"stage-acc-{j}"] = float(acc)
+    forgot = forgetting(history)
+    for j, f in sorted(forgot.items()):
+        out[f"forgetting-{j}"] = float(f)
+    if forgot:
+        out["forgetting-mean"] = float(np.mean(list(forgot.values())))
+    return out
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plot_run(path: Any, epsilon_by_client: dict[str, list[tuple[int, float]]] | None = None,
+             accuracy_by_stage: dict[int, list[tuple[int, float]]] | None = None, title: str = "") -> None:
+    """One PNG with up to two panels: ε per client over rounds; accuracy per stage over rounds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [p for p in (epsilon_by_client, accuracy_by_stage) if p]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    ax_iter = iter(axes[0])
+    if epsilon_by_client:
+        ax = next(ax_iter)
+        for client, points in sorted(epsilon_by_client.items()):
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", label=str(client))
+        ax.set_xlabel("round")
+        ax.set_ylabel("ε (composed over the run)")
+        ax.set_title("privacy spent per device")
+        ax.legend(fontsize=7)
+    if accuracy_by_stage:
+        ax = next(ax_iter)
+        for stage, points in sorted(accuracy_by_stage.items()):
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", label=f"stage {stage}")
+        ax.set_xlabel("round")
+        ax.set_ylabel("held-out next-token accuracy")
+        ax.set_title("accuracy per stage")
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
