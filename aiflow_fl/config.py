@@ -27,7 +27,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 # Values restricted to a set: dotted key -> allowed values.
 ALLOWED: dict[str, tuple[str, ...]] = {
-    "strategy": ("fedavg", "fedit", "ffa", "flora", "flexlora", "hetlora", "fedexlora"),
+    "strategy": ("fedavg", "fedit", "ffa", "flora", "flexlora", "hetlora", "fedexlora", "median", "trimmed_mean"),
     "data.partitioner": ("iid", "dirichlet", "pathological"),
     "family.kind": ("eesb", "hpcd", "both"),
     "family.branch_training.main": ("frozen", "lora", "full"),
@@ -121,8 +121,15 @@ class FederationConfig:
 
 @dataclass
 class HierarchyConfig:
+    enabled: bool = False  # edge aggregators between devices and the cloud (server/edge.py)
     edge_rounds: int = 1  # HierFAVG kappa2: edge aggregations per cloud round
-    edge_rank: int = 16  # rank of the factors an edge sends to the cloud
+    edge_rank: int = 16  # rank of the factors an edge sends to the cloud; 0: exact (no truncation)
+    trim_fraction: float = 0.2  # strategy=trimmed_mean: share of values cut at each end per coordinate
+    # Link model for communication accounting (aiflow_fl/comm.py): bandwidth and one-way latency.
+    device_edge_mbps: float = 20.0
+    device_edge_latency_ms: float = 20.0
+    edge_cloud_mbps: float = 100.0
+    edge_cloud_latency_ms: float = 40.0
 
 
 @dataclass

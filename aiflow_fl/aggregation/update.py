@@ -42,6 +42,15 @@ class AdapterUpdate:
     num_examples: int
     member: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
+    # Examples behind each key when they differ per key (an edge's merge of members of different
+    # depths); None: every key has ``num_examples``.
+    key_examples: dict[str, int] | None = None
+
+    def examples_for(self, key: str) -> int:
+        """The aggregation weight of this update for one key (layer alignment)."""
+        if self.key_examples is not None and key in self.key_examples:
+            return self.key_examples[key]
+        return self.num_examples
 
     def deltas(self) -> dict[str, torch.Tensor]:
         return {key: f.delta() for key, f in self.layers.items()}

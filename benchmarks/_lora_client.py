@@ -1,0 +1,206 @@
+"""A minimal real LoRA client for the aggregation benchmark and the strategy tests.
+
+Not the platform's ClientApp (that is ``clients/``, issue 4): a small, self-contained peft training
+loop on a tiny Llama so that strategies can be exercised end to end by Flower's simulation engine
+with real local training. It speaks both wire formats:
+
+* aiflow-fl's (``aiflow_fl/protocol.py``): fold ``base`` into the frozen weights, start LoRA from
+  ``lora`` (or fresh), train, reply ``lora`` + ``metrics`` + ``profile``;
+* Flower's stock FedAvg: ``arrays`` holds the peft LoRA state dict, replied the same way.
+
+Task: next-token prediction over a small vocabulary where each device's data follow its own
+"domain" (a random bigram table per domain) — non-IID by construction; accuracy is next-token
+accuracy on a held-out mixture of all domains.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+from aiflow_fl.aggregation.update import from_peft_state_dict, to_peft_state_dict
+from aiflow_fl.models import tiny_model
+from aiflow_fl.protocol import BASE, CONFIG, LORA, METRICS, NUM_EXAMPLES, PROFILE, arrays_to_update, update_to_arrays
+
+VOCAB = 64
+SEQ_LEN = 16
+LAYERS = 2
+HIDDEN = 32
+TARGETS = ["q_proj", "v_proj"]
+
+
+@dataclass
+class DeviceSpec:
+    """One simulated device: its LoRA rank and alpha, its edge, its data domains and its depth."""
+
+    rank: int
+    alpha: float
+    edge_id: str
+    domains: tuple[int, ...]
+    layers: tuple[int, ...] | None = None  # LoRA on these layers only (a shallow member); None: all
+    examples: int = 32
+
+
+def default_devices(num_devices: int = 4, ranks: tuple[int, ...] = (2, 4, 8), num_edges: int = 2) -> list[DeviceSpec]:
+    """Heterogeneous ranks, two domains per device (non-IID), devices round-robin over edges."""
+    return [
+        DeviceSpec(
+            rank=ranks[i % len(ranks)],
+            alpha=2.0 * ranks[i % len(ranks)],
+            edge_id=f"edge-{i % num_edges}",
+            domains=(i % 4, (i + 1) % 4) if i % 2 == 0 else (i % 4,),
+            examples=24 + 8 * (i % 3),
+        )
+        for i in range(num_devices)
+    ]
+
+
+def base_model() -> torch.nn.Module:
+    """The frozen pre-trained model every device starts from (same seed everywhere)."""
+    return tiny_model("llama", num_layers=LAYERS, hidden_size=HIDDEN, vocab_size=VOCAB, seed=0)
+
+
+def domain_tokens(domain: int, num_sequences: int, seed: int) -> torch.Tensor:
+    """Sequences from a domain's sparse bigram chain: each token has 2 likely successors."""
+    table_gen = torch.Generator().manual_seed(1000 + domain)
+    successors = torch.randint(0, VOCAB, (VOCAB, 2), generator=table_gen)
+    gen = torch.Generator().manual_seed(seed)
+    seq = torch.empty(num_sequences, SEQ_LEN, dtype=torch.long)
+    seq[:, 0] = torch.randint(0, VOCAB, (num_sequences,), generator=gen)
+    for t in range(1, SEQ_LEN):
+        pick = torch.randint(0, 2, (num_sequences,), generator=gen)
+        seq[:, t] = successors[seq[:, t - 1], pick]
+    return seq
+
+
+def device_data(spec: DeviceSpec, seed: int) -> torch.Tensor:
+    per = max(1, spec.examples // len(spec.domains))
+    return torch.cat([domain_tokens(d, per, seed * 100 + d) for d in spec.domains])
+
+
+def heldout_data(num_per_domain: int = 32) -> torch.Tensor:
+    return torch.cat([domain_tokens(d, num_per_domain, 999_000 + d) for d in range(4)])
+
+
+def fold_base(model: torch.nn.Module, base: dict) -> None:
+    """W0 += s·B@A for each module of the base (keys are the backbone's module paths)."""
+    with torch.no_grad():
+        for key, f in base.items():
+            weight = model.get_submodule(key).weight
+            weight += f.delta().to(weight.dtype)
+
+
+def lora_model(spec: DeviceSpec, base: dict, lora: dict, freeze_a: bool, seed: int) -> torch.nn.Module:
+    model = base_model()
+    fold_base(model, base)
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=spec.rank, lora_alpha=spec.alpha, target_modules=TARGETS, lora_dropout=0.0,
+        layers_to_transform=list(spec.layers) if spec.layers is not None else None,
+    )
+    model = get_peft_model(model, config)
+    if lora:
+        from aiflow_fl.aggregation.update import AdapterUpdate
+
+        state = to_peft_state_dict(AdapterUpdate(lora, 0), spec.alpha)
+        result = set_peft_model_state_dict(model, state)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"unexpected LoRA keys {result.unexpected_keys[:3]}")
+    if freeze_a:
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.requires_grad_(False)
+    return model
+
+
+def train_lora(model: torch.nn.Module, data: torch.Tensor, steps: int, lr: float, seed: int) -> float:
+    """Plain AdamW next-token training of the LoRA parameters; returns the last loss."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    loss = torch.tensor(0.0)
+    for _ in range(steps):
+        idx = torch.randint(0, data.shape[0], (min(8, data.shape[0]),), generator=gen)
+        batch = data[idx]
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return float(loss)
+
+
+@torch.no_grad()
+def next_token_accuracy(model: torch.nn.Module, data: torch.Tensor) -> float:
+    logits = model(input_ids=data).logits[:, :-1]
+    return float((logits.argmax(-1) == data[:, 1:]).float().mean())
+
+
+def make_client_app(devices: list[DeviceSpec], steps: int = 8, lr: float = 3e-3, fail_node: int | None = None) -> ClientApp:
+    """A ClientApp whose partition i is ``devices[i]``; ``fail_node`` sends NaN factors (fault tests)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        spec = devices[pid % len(devices)]
+        config = msg.content[CONFIG]
+        rnd = int(config.get("server-round", 1))
+        start = time.perf_counter()
+        data = device_data(spec, seed=pid * 7919 + rnd)
+        if "arrays" in msg.content:  # Flower's stock FedAvg: the LoRA state dict travels as is
+            model = lora_model(spec, {}, {}, False, seed=pid)
+            if len(msg.content["arrays"]) > 0:
+                set_peft_model_state_dict(model, msg.content["arrays"].to_torch_state_dict())
+            loss = train_lora(model, data, steps, lr, seed=pid + 31 * rnd)
+            state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+            content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({NUM_EXAMPLES: data.shape[0], "train-loss": loss})})
+            return Message(content=content, reply_to=msg)
+        base = arrays_to_update(msg.content[BASE]).layers
+        lora = arrays_to_update(msg.content[LORA]).layers
+        model = lora_model(spec, base, lora, bool(config.get("freeze-lora-a", False)), seed=pid + 17 * rnd)
+        # What this device starts from, as a probe the tests compare with the server's model.
+        probe = start_probe(base, lora, spec.alpha / spec.rank)
+        loss = train_lora(model, data, steps, lr, seed=pid + 31 * rnd)
+        update = from_peft_state_dict(get_peft_model_state_dict(model), spec.alpha, num_examples=data.shape[0])
+        record = update_to_arrays(update)
+        if fail_node is not None and pid == fail_node and rnd > 1:
+            key = next(iter(record.keys()))
+            bad = record[key].numpy().copy()
+            bad.flat[0] = float("nan")
+            from flwr.app import Array
+
+            record[key] = Array(bad)
+        metrics = MetricRecord(
+            {NUM_EXAMPLES: data.shape[0], "train-loss": loss, "train-time-s": time.perf_counter() - start, "start-probe": probe, "received-keys": len(set(base) | set(lora))}
+        )
+        profile = ConfigRecord({"member": f"rank{spec.rank}", "edge-id": spec.edge_id, "lora-rank": spec.rank, "lora-alpha": spec.alpha})
+        return Message(content=RecordDict({LORA: record, METRICS: metrics, PROFILE: profile}), reply_to=msg)
+
+    return app
+
+
+def probe_matrix(key: str, shape: tuple[int, int]) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(sum(map(ord, key)))
+    return torch.randn(shape, generator=gen, dtype=torch.float64)
+
+
+def probe(layers: dict) -> float:
+    """⟨ΔW, R_key⟩ summed over keys, with fixed random probes: a fingerprint of a dense update."""
+    total = 0.0
+    for key, f in layers.items():
+        delta = f.scaling * (f.B.double() @ f.A.double())
+        total += float((delta * probe_matrix(key, tuple(delta.shape))).sum())
+    return total
+
+
+def start_probe(base: dict, lora: dict, scaling: float) -> float:
+    from aiflow_fl.aggregation.update import LoraFactors
+
+    return probe(base) + probe({k: LoraFactors(f.A, f.B, f.scaling) for k, f in lora.items()})
