@@ -48,9 +48,18 @@ def save_state(context: Context, state: DeviceState) -> None:
     context.state[STATE_EXTRA] = ConfigRecord({"json": json.dumps(state.extra)})
 
 
-def training_hooks(cfg: AiflowConfig, state: DeviceState) -> TrainingHooks:
+def training_hooks(cfg: AiflowConfig, state: DeviceState, profile: DeviceProfile | None = None) -> TrainingHooks:
     """Hooks for local training. Privacy (DP-SGD) and continual learning plug in here."""
-    return TrainingHooks()
+    hooks = TrainingHooks()
+    if cfg.continual.enabled and profile is not None:
+        from aiflow_fl.continual import add_continual_hooks
+
+        add_continual_hooks(hooks, cfg, state, profile)
+    if cfg.privacy.enabled:
+        from aiflow_fl.privacy import add_dp_hooks
+
+        add_dp_hooks(hooks, cfg, state)
+    return hooks
 
 
 def _received(msg: Message) -> tuple[AdapterUpdate | None, AdapterUpdate | None, dict[str, Any]]:
@@ -72,7 +81,7 @@ def _inject_fault(profile: DeviceProfile, server_round: int, record: ArrayRecord
     if profile.fault == "raise":
         raise RuntimeError(f"injected fault: device {profile.partition_id} fails in round {server_round}")
     if profile.fault == "hang":
-        time.sleep(3600)
+        time.sleep(profile.fault_seconds)
     keys = list(record.keys())
     first = next(k for k in keys if k.endswith("::A"))
     if profile.fault == "nan":
@@ -86,17 +95,27 @@ def _inject_fault(profile: DeviceProfile, server_round: int, record: ArrayRecord
     return record
 
 
-def build_client_app(cfg: AiflowConfig | None = None) -> ClientApp:
-    """A ClientApp; ``cfg`` fixes the config (in-process simulation), else it comes from the run config."""
+def build_client_app(cfg: AiflowConfig | None = None, node_overrides: dict[int, dict[str, Any]] | None = None) -> ClientApp:
+    """A ClientApp; ``cfg`` fixes the config (in-process simulation), else it comes from the run config.
+
+    ``node_overrides[partition_id]`` adds node-config entries to simulated devices (a simulation's
+    node config holds only partition-id and num-partitions): e.g. a member, a rank or a fault.
+    """
     app = ClientApp()
+    overrides = node_overrides or {}
 
     def config_of(context: Context) -> AiflowConfig:
         return cfg if cfg is not None else from_run_config(dict(context.run_config))
 
+    def profile_of(context: Context, run_cfg: AiflowConfig) -> DeviceProfile:
+        node = dict(context.node_config)
+        node.update(overrides.get(int(node.get("partition-id", -1)), {}))
+        return device_profile(node, run_cfg)
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         run_cfg = config_of(context)
-        profile = device_profile(dict(context.node_config), run_cfg)
+        profile = profile_of(context, run_cfg)
         base, lora, config = _received(msg)
         server_round = int(config.get("server-round", 0))
         state = load_state(context)
@@ -104,7 +123,8 @@ def build_client_app(cfg: AiflowConfig | None = None) -> ClientApp:
             run_cfg, profile, state, base, lora, server_round,
             local_steps=int(config.get("local-steps", run_cfg.train.local_steps)),
             lr=float(config.get("lr", run_cfg.train.lr)),
-            hooks=training_hooks(run_cfg, state),
+            hooks=training_hooks(run_cfg, state, profile),
+            freeze_lora_a=bool(config.get("freeze-lora-a", False)),
         )
         save_state(context, state)
         arrays = _inject_fault(profile, server_round, update_to_arrays(update))
@@ -115,7 +135,7 @@ def build_client_app(cfg: AiflowConfig | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         run_cfg = config_of(context)
-        profile = device_profile(dict(context.node_config), run_cfg)
+        profile = profile_of(context, run_cfg)
         base, lora, _ = _received(msg)
         n, metrics = device_evaluate(run_cfg, profile, base, lora)
         record = MetricRecord({NUM_EXAMPLES: n, **metrics})

@@ -43,6 +43,7 @@ class DeviceProfile:
     memory_budget_mb: float = 0.0
     fault: str = ""  # fault injection for fault-tolerance tests: raise | hang | nan | shape | missing
     fault_round: int = 0  # 0: every round
+    fault_seconds: float = 3600.0  # how long fault=hang sleeps
 
 
 def device_profile(node_config: dict[str, Any], cfg: AiflowConfig) -> DeviceProfile:
@@ -58,6 +59,7 @@ def device_profile(node_config: dict[str, Any], cfg: AiflowConfig) -> DeviceProf
         edge = int(node_config.get("edge-id", pid * max(1, fed.num_edges) // max(1, n)))
         budget = float(node_config.get("memory-budget-mb", fed.memory_budget_mb))
         fault_round = int(node_config.get("fault-round", 0))
+        fault_seconds = float(node_config.get("fault-seconds", 3600.0))
     except (TypeError, ValueError) as exc:
         raise AiflowError(f"Bad node config {dict(node_config)}: {exc}. partition-id, num-partitions, lora-rank, edge-id are integers.") from None
     member = str(node_config.get("member", fed.members[pid % len(fed.members)] if fed.members else "full"))
@@ -65,7 +67,7 @@ def device_profile(node_config: dict[str, Any], cfg: AiflowConfig) -> DeviceProf
         raise AiflowError(f"Node config partition-id={pid} must be in [0, {n - 1}] (num-partitions={n}).")
     if rank < 1:
         raise AiflowError(f"Node config lora-rank={rank} must be >= 1.")
-    return DeviceProfile(pid, n, member, rank, alpha, edge, budget, str(node_config.get("fault", "")), fault_round)
+    return DeviceProfile(pid, n, member, rank, alpha, edge, budget, str(node_config.get("fault", "")), fault_round, fault_seconds)
 
 
 @dataclass
@@ -126,11 +128,19 @@ def device_train(
     local_steps: int,
     lr: float,
     hooks: TrainingHooks | None = None,
+    freeze_lora_a: bool = False,
 ) -> tuple[AdapterUpdate, dict[str, float]]:
-    """One round of local LoRA training; returns the update (family keys) and flat metrics."""
+    """One round of local LoRA training; returns the update (family keys) and flat metrics.
+
+    ``freeze_lora_a``: train only B (FFA-LoRA keeps the shared A fixed, so averaging B is exact).
+    """
     hooks = hooks or TrainingHooks()
     torch.manual_seed(cfg.run.seed + 7919 * profile.partition_id + server_round)
     member, model = prepare_member(cfg, profile, base, lora)
+    if freeze_lora_a:
+        for name, param in model.named_parameters():
+            if "lora_A" in name:
+                param.requires_grad_(False)
     data = load_device_data(cfg, profile, member.tokenizer)
     chunks = hooks.round_data(data.train, server_round) if hooks.round_data else data.train
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}

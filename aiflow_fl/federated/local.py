@@ -68,7 +68,7 @@ class TrainResult:
             "train-loss-last": self.losses[-1] if self.losses else float("nan"),
             "train-steps": float(self.steps),
             "train-tokens": float(self.tokens),
-            "train-s": self.seconds,
+            "train-time-s": self.seconds,
             "tokens-per-s": self.tokens_per_s,
             "peak-rss-mb": self.peak_rss_mb,
         }

@@ -82,13 +82,15 @@ def family_available(cfg: AiflowConfig) -> bool:
 
 
 _PRISTINE: dict[tuple[str, str, str], Member] = {}
+_MAX_CACHED = 3
 
 
 def load_member(cfg: AiflowConfig, name: str) -> Member:
     """A fresh copy of member ``name`` (frozen weights as built; cached per process)."""
     key = (cfg.model.name, cfg.family.dir if family_available(cfg) else "", name)
     if key not in _PRISTINE:
-        _PRISTINE.clear()  # one member per device process: do not hoard memory
+        if len(_PRISTINE) >= _MAX_CACHED:  # a device uses one member, the server a few: bound memory
+            _PRISTINE.pop(next(iter(_PRISTINE)))
         _PRISTINE[key] = _build_member(cfg, name)
     return copy.deepcopy(_PRISTINE[key])
 

@@ -1,0 +1,50 @@
+"""Central evaluation on the server: every member of the federation, with the global update folded in.
+
+The server's model after a round is ``W0 + merged`` where ``merged`` is the strategy's cumulative
+update (base + adapter, as factors keyed by family-wide keys). Each distinct member in
+``federation.members`` gets the keys it has folded into its frozen weights (a shallow member simply
+ignores deeper layers' keys) and is evaluated on the held-out chunks of every domain
+(:func:`aiflow_fl.data.central_heldout`). Reported: per-member loss/accuracy and their mean.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from aiflow_fl.aggregation.update import AdapterUpdate
+from aiflow_fl.config import AiflowConfig
+from aiflow_fl.data import TokenChunks, central_heldout, load_chunks
+from aiflow_fl.federated.local import evaluate
+from aiflow_fl.federated.lora import fold_base
+from aiflow_fl.federated.member import load_member
+
+
+class CentralEvaluator:
+    """Evaluates the federation's members on the central held-out set (data loaded once)."""
+
+    def __init__(self, cfg: AiflowConfig) -> None:
+        self.cfg = cfg
+        self.members = list(dict.fromkeys(cfg.federation.members or ["full"]))
+        self._heldout: TokenChunks | None = None
+
+    def heldout(self, tokenizer) -> TokenChunks:
+        if self._heldout is None:
+            d = self.cfg.data
+            chunks = load_chunks(d.source, tokenizer, d.seq_len)
+            self._heldout = central_heldout(chunks, d.heldout_fraction, d.max_heldout_examples, self.cfg.run.seed)
+        return self._heldout
+
+    @torch.no_grad()
+    def __call__(self, merged: AdapterUpdate | None) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name in self.members:
+            member = load_member(self.cfg, name)
+            if merged is not None and merged.layers:
+                own = {member.key_of(n) for n, m in member.model.named_modules() if isinstance(m, torch.nn.Linear)}
+                fold_base(member.model, member, AdapterUpdate({k: f for k, f in merged.layers.items() if k in own}, 0))
+            metrics = evaluate(member.model, self.heldout(member.tokenizer), self.cfg.train.eval_batch_size)
+            out[f"eval-loss/{name}"] = metrics["eval-loss"]
+            out[f"eval-accuracy/{name}"] = metrics["eval-accuracy"]
+        out["eval-loss"] = sum(out[f"eval-loss/{n}"] for n in self.members) / len(self.members)
+        out["eval-accuracy"] = sum(out[f"eval-accuracy/{n}"] for n in self.members) / len(self.members)
+        return out

@@ -1,0 +1,145 @@
+"""The aiflow-fl ServerApp: runs the rounds, evaluates centrally, keeps the run folder, resumes.
+
+Per run (:func:`run_server`):
+
+1. typed config from the Flower run config (``aiflow_fl.config.from_run_config``), or given directly
+   by the in-process simulation;
+2. the run folder: new (config snapshot) or, with ``run.resume=RUN_DIR``, the existing one — its last
+   checkpoint becomes the starting update and only the remaining rounds run;
+3. the strategy from ``strategies.build_strategy(cfg)`` (per-node messages, aggregation, faults,
+   ``federation.min_clients``), driven through a :class:`WatchedGrid` (progress, per-client timeout);
+4. after every cloud round: central held-out evaluation of each member with the merged update, one
+   ``eval`` and one ``train`` line in ``metrics.jsonl``, and an atomic checkpoint of the merged update;
+5. at the end: ``summary.png`` (loss / accuracy per round).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+
+from aiflow_fl.config import AiflowConfig, from_run_config
+from aiflow_fl.federated.central import CentralEvaluator
+from aiflow_fl.federated.progress import WatchedGrid
+from aiflow_fl.federated.run import RunFolder
+from aiflow_fl.protocol import arrays_to_update
+
+
+@dataclass
+class ServerSummary:
+    run_dir: Path
+    rounds_done: int
+    resumed_from: int
+
+
+def _client_summary(metrics: list[dict[str, Any]]) -> dict[str, float]:
+    """Example-weighted train loss, and the extremes that matter for devices (memory, throughput)."""
+    if not metrics:
+        return {"clients-ok": 0}
+    weights = [float(m.get("num-examples", 1)) for m in metrics]
+    total = sum(weights) or 1.0
+    mean = lambda key: sum(w * float(m.get(key, 0.0)) for w, m in zip(weights, metrics)) / total  # noqa: E731
+    return {
+        "clients-ok": len(metrics),
+        "train-loss": mean("train-loss"),
+        "train-loss-first": mean("train-loss-first"),
+        "train-loss-last": mean("train-loss-last"),
+        "tokens-per-s": mean("tokens-per-s"),
+        "client-peak-rss-mb": max(float(m.get("peak-rss-mb", 0.0)) for m in metrics),
+        "client-train-s-max": max(float(m.get("train-time-s", 0.0)) for m in metrics),
+        "num-examples": total,
+    }
+
+
+def run_server(grid: Grid, cfg: AiflowConfig, progress: Any = None) -> ServerSummary:
+    """Run (or resume) a federated fine-tuning run on ``grid`` (see the module docstring)."""
+    from strategies import build_strategy
+
+    edge_rounds = cfg.hierarchy.edge_rounds if cfg.hierarchy.enabled else 1
+    if cfg.run.resume:
+        folder = RunFolder.open_for_resume(cfg.run.resume, cfg)
+        checkpoint = folder.latest_checkpoint()
+    else:
+        folder, checkpoint = RunFolder.create(cfg), None
+    done = int(checkpoint.meta.get("round", 0)) if checkpoint else 0
+    folder.truncate_after(done)  # rounds after the checkpoint are redone
+    initial = ArrayRecord({k: Array(v) for k, v in checkpoint.tensors.items()}) if checkpoint else ArrayRecord()
+    remaining = cfg.federation.rounds - done
+    log(INFO, "aiflow-fl run folder %s: %d round(s) done, %d to go", folder.path, done, remaining)
+    if cfg.run.resume:
+        folder.log({"round": done, "kind": "resume", "from-checkpoint": str(checkpoint.path) if checkpoint else ""})
+    if remaining <= 0:
+        folder.plot()
+        return ServerSummary(folder.path, done, done)
+
+    strategy = build_strategy(cfg)
+    watched = WatchedGrid(grid, progress)
+    watched.round_offset = done * edge_rounds
+    evaluator = CentralEvaluator(cfg)
+    round_start = [time.perf_counter()]
+
+    def evaluate_fn(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """After each Flower round: on cloud-round ends, evaluate, log and checkpoint (atomically)."""
+        if flower_round == 0:
+            if checkpoint is not None:
+                return None  # evaluated in the interrupted run already
+            metrics = evaluator(None)
+            folder.log({"round": 0, "kind": "eval", **metrics})
+            round_start[0] = time.perf_counter()
+            return MetricRecord(metrics)
+        if flower_round % edge_rounds:
+            return None
+        cloud_round = done + flower_round // edge_rounds
+        merged = arrays_to_update(arrays) if len(arrays) else None
+        metrics = evaluator(merged)
+        train_rounds = range(watched.round_offset + flower_round - edge_rounds + 1, watched.round_offset + flower_round + 1)
+        client = _client_summary([m for r in train_rounds for m in watched.client_metrics.get(r, [])])
+        history = strategy.history[-1] if getattr(strategy, "history", None) else {}
+        round_s = time.perf_counter() - round_start[0]
+        folder.log({"round": cloud_round, "kind": "train", **client, "round-s": round_s,
+                    "clients-failed": sum(len(watched.failures.get(r, [])) for r in train_rounds),
+                    **{k: v for k, v in history.items() if k.startswith(("bytes/", "cloud-bytes", "sim-round-s"))}})
+        folder.log({"round": cloud_round, "kind": "eval", **metrics})
+        tensors = {k: arrays[k].numpy() for k in arrays.keys()}
+        folder.save_checkpoint(cloud_round, tensors, {"round": cloud_round, "strategy": cfg.strategy})
+        log(INFO, "round %d: held-out loss %.4f, accuracy %.4f (checkpoint saved)", cloud_round,
+            metrics["eval-loss"], metrics["eval-accuracy"])
+        round_start[0] = time.perf_counter()
+        return MetricRecord(metrics)
+
+    train_config = ConfigRecord({"local-steps": cfg.train.local_steps, "lr": cfg.train.lr})
+    try:
+        strategy.start(grid=watched, initial_arrays=initial, num_rounds=remaining,
+                       timeout=cfg.federation.client_timeout_s, train_config=train_config, evaluate_fn=evaluate_fn)
+    except Exception as exc:
+        folder.log({"round": done, "kind": "failed", "error": f"{type(exc).__name__}: {exc}"})
+        raise
+    finally:
+        folder.plot()
+    return ServerSummary(folder.path, cfg.federation.rounds, done)
+
+
+def build_server_app(cfg: AiflowConfig | None = None, progress: Any = None, summaries: list | None = None) -> ServerApp:
+    """A ServerApp; ``cfg`` fixes the config (in-process simulation), else it comes from the run config."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_cfg = cfg if cfg is not None else from_run_config(dict(context.run_config))
+        summary = run_server(grid, run_cfg, progress)
+        if summaries is not None:
+            summaries.append(summary)
+
+    return app
+
+
+app = build_server_app()
+
+__all__ = ["ServerSummary", "app", "build_server_app", "run_server"]
