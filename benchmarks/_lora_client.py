@@ -133,7 +133,7 @@ def train_lora(model: torch.nn.Module, data: torch.Tensor, steps: int, lr: float
         loss.backward()
         opt.step()
     model.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 @torch.no_grad()
@@ -164,6 +164,10 @@ def make_client_app(devices: list[DeviceSpec], steps: int = 8, lr: float = 3e-3,
             return Message(content=content, reply_to=msg)
         base = arrays_to_update(msg.content[BASE]).layers
         lora = arrays_to_update(msg.content[LORA]).layers
+        if spec.layers is not None and rnd > 1:  # a shallow member must only get its own layers' keys
+            foreign = [k for k in set(base) | set(lora) if int(k.split(".")[2]) not in spec.layers]
+            if foreign:
+                raise ValueError(f"device {pid} (layers {spec.layers}) received keys of other layers: {foreign[:2]}")
         model = lora_model(spec, base, lora, bool(config.get("freeze-lora-a", False)), seed=pid + 17 * rnd)
         # What this device starts from, as a probe the tests compare with the server's model.
         probe = start_probe(base, lora, spec.alpha / spec.rank)

@@ -1,0 +1,174 @@
+"""Strategies: config selection, per-node messages, fault exclusion, and a real Flower simulation.
+
+The end-to-end test runs ``flwr.simulation.run_simulation`` (Ray backend) with a small real peft
+client (``benchmarks/_lora_client.py``); the server's model after each round is fingerprinted by
+``evaluate_fn`` and compared with the model every device reports it started the next round from.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+
+from aiflow_fl.aggregation import AdapterUpdate, LoraFactors, lowrank
+from aiflow_fl.config import load_config
+from aiflow_fl.errors import AiflowError
+from aiflow_fl.protocol import BASE, LORA, METRICS, NUM_EXAMPLES, PROFILE, arrays_to_update, update_to_arrays
+from strategies import STRATEGIES, Hierarchical, build_strategy
+
+ROOT = Path(__file__).resolve().parent.parent
+KEYS = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+
+
+def load_client_module():
+    name = "aiflow_bench_lora_client"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "_lora_client.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(module)  # Ray workers cannot import it by name
+    return module
+
+
+@pytest.fixture
+def task_identity():
+    """Messages need the identity a ServerApp process has; set one for hand-built replies."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def reply(node_id: int, layers: dict[str, LoraFactors] | None, n: int | None = 10, rank: int = 2, edge: str = "edge-0", error: str = "") -> Message:
+    request = Message(content=RecordDict(), message_type=MessageType.TRAIN, dst_node_id=node_id)
+    if error:
+        return Message(Error(code=1, reason=error), reply_to=request)
+    content = RecordDict({PROFILE: ConfigRecord({"member": "m", "edge-id": edge, "lora-rank": rank, "lora-alpha": 4.0})})
+    if layers is not None:
+        content[LORA] = update_to_arrays(AdapterUpdate(layers, 0))
+    content[METRICS] = MetricRecord({NUM_EXAMPLES: n} if n is not None else {"train-loss": 1.0})
+    return Message(content, reply_to=request)
+
+
+def factors(seed: int, keys=KEYS, rank: int = 2, out: int = 6, inp: int = 5) -> dict[str, LoraFactors]:
+    gen = torch.Generator().manual_seed(seed)
+    return {k: LoraFactors(torch.randn(rank, inp, generator=gen), torch.randn(out, rank, generator=gen), 2.0) for k in keys}
+
+
+def test_build_strategy_from_config() -> None:
+    for name, cls in STRATEGIES.items():
+        strategy = build_strategy(load_config([f"strategy={name}"]))
+        assert isinstance(strategy, cls) and strategy.hierarchy is None
+    hier = build_strategy(load_config(["strategy=flora", "hierarchy.enabled=true", "hierarchy.edge_rounds=2", "hierarchy.edge_rank=8"]))
+    assert isinstance(hier, Hierarchical) and hier.hierarchy.edge_rounds == 2 and hier.hierarchy.edge_rank == 8
+    assert build_strategy(load_config(["strategy=ffa"])).freeze_lora_a
+    with pytest.raises(AiflowError, match="edge_rounds"):
+        build_strategy(load_config(["hierarchy.enabled=true", "hierarchy.edge_rounds=0"]))
+    with pytest.raises(AiflowError, match="bandwidth"):
+        build_strategy(load_config(["hierarchy.device_edge_mbps=0"]))
+    with pytest.raises(AiflowError, match="not one of"):
+        load_config(["strategy=krum"])
+
+
+def test_faulty_replies_are_excluded_and_too_few_is_an_error(task_identity) -> None:
+    strategy = build_strategy(load_config(["strategy=flexlora", "federation.min_clients=2"]))
+    good = [reply(1, factors(1)), reply(2, factors(2), n=30)]
+    nan = factors(3)
+    nan[KEYS[0]].B[0, 0] = float("nan")
+    bad = [
+        reply(3, nan),
+        reply(4, factors(4, out=7)),  # wrong shape for a known key (shapes learned from good replies)
+        reply(5, factors(5), n=None),  # no num-examples
+        reply(6, None),  # no lora record
+        reply(7, None, error="client crashed"),
+    ]
+    strategy._round = {"bytes": {}, "down": {}, "up": {}, "t0": 0.0}
+    from aiflow_fl import comm
+
+    strategy._round["bytes"] = {link: 0 for link in comm.LINKS}
+    arrays, metrics = strategy.aggregate_train(1, good + bad)
+    assert metrics["clients-ok"] == 2 and metrics["clients-failed"] == 5
+    merged = lowrank.dense(arrays_to_update(arrays).layers)
+    ref = {k: (10 * factors(1)[k].delta().double() + 30 * factors(2)[k].delta().double()) / 40 for k in KEYS}
+    assert all(torch.allclose(merged[k], ref[k], atol=1e-4) for k in KEYS)
+    with pytest.raises(AiflowError, match="min_clients"):
+        strategy.aggregate_train(2, [good[0]] + bad)
+
+
+def test_per_node_messages_carry_only_the_nodes_keys(task_identity) -> None:
+    strategy = build_strategy(load_config(["strategy=fedexlora"]))
+    from aiflow_fl import comm
+
+    strategy._round = {"bytes": {link: 0 for link in comm.LINKS}, "down": {}, "up": {}, "t0": 0.0}
+    strategy.aggregate_train(1, [reply(1, factors(1)), reply(2, factors(2, keys=KEYS[:1], rank=4), rank=4)])
+    base, lora, _ = strategy.node_records(2)
+    assert {k.split("::")[0] for k in lora.keys()} == {KEYS[0]}
+    assert {k.split("::")[0] for k in base.keys()} <= {KEYS[0]}
+    assert all(arrays_to_update(lora).layers[k].rank == 4 for k in [KEYS[0]])
+    # a node never heard of gets every key, the whole model in its base and no LoRA
+    base, lora, extra = strategy.node_records(99)
+    assert len(lora) == 0 and {k.split("::")[0] for k in base.keys()} == set(KEYS)
+    start = lowrank.dense(arrays_to_update(base).layers)
+    server = lowrank.dense(strategy.merged())
+    assert all(torch.allclose(start[k], server[k], atol=1e-4) for k in KEYS)
+
+
+def test_real_flower_simulation_hierarchical_two_rounds() -> None:
+    """Flower's simulation engine, 4 devices on 2 edges, heterogeneous ranks, a shallow member, one
+    device that sends NaN in round 2; exact method so every device starts round 2 from the server's model."""
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    lc = load_client_module()
+    devices = [
+        lc.DeviceSpec(rank=2, alpha=4.0, edge_id="edge-0", domains=(0,)),
+        lc.DeviceSpec(rank=4, alpha=8.0, edge_id="edge-0", domains=(1,), layers=(0,)),  # shallow member
+        lc.DeviceSpec(rank=8, alpha=8.0, edge_id="edge-1", domains=(2,)),
+        lc.DeviceSpec(rank=4, alpha=16.0, edge_id="edge-1", domains=(3,)),
+    ]
+    client = lc.make_client_app(devices, steps=3, fail_node=3)
+    seen: dict = {}
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = load_config(["strategy=flexlora", "hierarchy.enabled=true", "hierarchy.edge_rank=0", "federation.min_clients=3"])
+        strategy = build_strategy(cfg)
+        seen["strategy"] = strategy
+
+        def evaluate_fn(rnd: int, arrays: ArrayRecord):
+            seen[rnd] = arrays_to_update(arrays).layers if len(arrays) else {}
+            return None
+
+        seen["result"] = strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=2, evaluate_fn=evaluate_fn)
+
+    run_simulation(server_app=server, client_app=client, num_supernodes=4, backend_config={"client_resources": {"num_cpus": 1}})
+    strategy, result = seen["strategy"], seen["result"]
+    metrics = result.train_metrics_clientapp
+    assert metrics[1]["clients-ok"] == 4 and metrics[2]["clients-ok"] == 3 and metrics[2]["clients-failed"] == 1
+    for link in ("bytes/device->edge", "bytes/edge->device", "bytes/edge->cloud", "bytes/cloud->edge"):
+        assert metrics[2][link] > 0, link
+    assert metrics[2]["bytes/device->cloud"] == 0
+    # every device that trained in round 2 started from the server's model after round 1
+    rounds = []
+    for node_id, m in strategy.node_metrics.items():
+        profile = strategy.profiles[node_id]
+        server_model = {k: f for k, f in seen[int(m["server-round"]) - 1].items() if k in profile.keys}
+        assert m["start-probe"] == pytest.approx(lc.probe(server_model), rel=1e-4, abs=1e-6), profile.member
+        rounds.append(int(m["server-round"]))
+    assert sorted(rounds) == [1, 2, 2, 2]  # the NaN device's last good reply is from round 1
+    shallow = [p for p in strategy.profiles.values() if p.rank == 4 and len(p.keys) == 2]
+    assert shallow, "the shallow member trains q_proj and v_proj of layer 0 only"
