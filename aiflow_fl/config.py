@@ -160,10 +160,31 @@ class ContinualConfig:
 
 
 @dataclass
+class LinkConfig:
+    latency_ms: float = 0.0
+    bandwidth_mbps: float = 0.0  # 0: infinite
+    jitter_ms: float = 0.0
+
+
+@dataclass
 class ServingConfig:
-    tiers: list[str] = field(default_factory=lambda: ["device", "edge"])
+    tiers: list[str] = field(default_factory=lambda: ["device", "edge"])  # device[, edge[, cloud]]
     draft_len: int = 4
     max_new_tokens: int = 64
+    adaptive: bool = False  # grow/shrink the draft (sequential) or match the verifier's time (pipelined)
+    min_draft_len: int = 1
+    max_draft_len: int = 12
+    cloud_block: int = 8  # edge-approved tokens the cloud verifies at once
+    reuse: bool = True  # familial reuse: verifiers resume from the lower tier's hidden states
+    draft_vocab: int = 0  # reduced device head over the first N ids (0: full vocabulary)
+    pipelined: bool = False  # the device drafts while the verifier works
+    temperature: float = 0.0  # 0: greedy
+    seed: int = 0
+    exits: list[int] = field(default_factory=list)  # early-exit tiers of model.name when there is no family
+    members: list[str] = field(default_factory=list)  # family members per tier (default: smallest .. largest)
+    timeout_s: float = 10.0  # a remote tier silent this long is dropped (with a warning)
+    edge_link: LinkConfig = field(default_factory=LinkConfig)  # device <-> edge
+    cloud_link: LinkConfig = field(default_factory=LinkConfig)  # edge <-> cloud
 
 
 @dataclass

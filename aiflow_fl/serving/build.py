@@ -1,0 +1,47 @@
+"""Assembling in-process chains from members."""
+
+from __future__ import annotations
+
+from aiflow_fl.errors import AiflowError
+from aiflow_fl.serving.chain import Chain
+from aiflow_fl.serving.link import Link
+from aiflow_fl.serving.members import LocalTier, Member, draft_vocabulary
+
+
+def eos_ids(model, tokenizer=None) -> list[int]:
+    """Every id that ends generation for ``model`` (its generation config, plus the tokenizer's)."""
+    ids = model.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))
+
+
+def resume_layer(low: Member, high: Member) -> int:
+    """Where ``high`` can resume from ``low``'s exit hidden states: ``low``'s exit when both run it
+    with the backbone's own layers (familial reuse), else 0 (start again from token ids)."""
+    shares = low.shared_layers == low.exit_layer and (high.shared_layers or 0) >= low.exit_layer
+    return low.exit_layer if shares and high.exit_layer >= low.exit_layer else 0
+
+
+def local_chain(
+    members: list[Member],
+    reuse: bool = True,
+    draft_vocab: int = 0,
+    links: list[Link] | None = None,
+    eos_token_ids: list[int] | None = None,
+    **chain_options,
+) -> Chain:
+    """A chain whose tiers run in this process: ``members`` = [device, edge(, cloud)], growing.
+
+    ``reuse``: each verifier resumes from the tier below's exit hidden states (familial reuse)
+    instead of re-running the shared layers from token ids. ``draft_vocab`` > 0 gives the device a
+    reduced head over that many most frequent ids (verification stays exact).
+    """
+    if not 1 <= len(members) <= 3:
+        raise AiflowError(f"A chain has 1 to 3 members (device[, edge[, cloud]]); got {len(members)}.")
+    eos = eos_token_ids if eos_token_ids is not None else eos_ids(members[-1].model)
+    vocab = draft_vocabulary(members[0].model.config.vocab_size, draft_vocab, eos)
+    tiers = [LocalTier(members[0], 0, vocab)]
+    tiers += [LocalTier(m, resume_layer(low, m) if reuse else 0) for low, m in zip(members, members[1:])]
+    return Chain(tiers, links=links, eos_token_ids=eos, **chain_options)

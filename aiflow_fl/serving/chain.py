@@ -1,0 +1,342 @@
+"""Hierarchical speculative decoding over a chain of 2 or 3 tiers (AI Flow paper §II-B2, Fig. 6-7).
+
+The device (tier 0) drafts tokens; tier 1 (edge) verifies the device's draft; tier 2 (cloud)
+verifies the prefix the edge approved. One token sequence ``seq`` is shared; each tier keeps
+
+* ``done``: how many positions it has run (its KV cache length; cropped on a rejection),
+* ``approved``: the prefix of ``seq`` it agrees with (``approved`` never grows above the tier
+  below's), and its predictions (argmax or probabilities) at the positions it ran.
+
+A tier runs every position whose input is ready: token ids of the prefix the tier below approved,
+or — with familial reuse — the hidden states the tier below produced at its exit layer (so the
+shared layers are never recomputed; the lower tier's KV cache serves them). It then checks the
+approved-below tokens with :mod:`acceptance` rules. A rejection at position j puts the verifier's
+token at j and crops every tier to j. Output = the prefix approved by the last tier, which is
+exactly (greedy) or in distribution (sampling) what the last tier would generate on its own.
+
+*Pipelined* mode (paper Fig. 7; PipeSpec, PEARL): a verifier's forward runs in a worker thread (or a
+remote server) while the device keeps drafting on top of the unverified block; a rejection rolls
+the device back. Sequential mode runs the very same loop with the forward inline.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from aiflow_fl.errors import AiflowError
+from aiflow_fl.serving.acceptance import greedy_accept, next_draft_len, speculative_accept
+from aiflow_fl.serving.link import Link, tensor_bytes
+from aiflow_fl.serving.members import TierOutput
+
+
+class TierUnavailable(RuntimeError):
+    """A (remote) tier did not answer in time or is gone; the chain drops it and goes on."""
+
+
+class Tier(Protocol):
+    name: str
+    entry: int
+
+    def process(self, start: int, tokens: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
+                temperature: float = 0.0, want_hidden: bool = True) -> TierOutput: ...
+
+    def reset(self) -> None: ...
+
+
+@dataclass
+class Slot:
+    """Runner-side state of one tier (module docstring)."""
+
+    tier: Tier
+    link: Link | None  # from the tier below (None for the device)
+    block: int = 1  # verify once this many approved-below tokens wait (tiers ≥ 1)
+    done: int = 0
+    approved: int = 0
+    preds: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> argmax id / probs
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> exit hidden state
+    accepted: int = 0  # draft tokens accepted
+    drafted: int = 0  # draft tokens checked
+    calls: int = 0  # verification forwards
+    produced: int = 0  # tokens approved per call (accepted + correction/bonus)
+    busy_s: float = 0.0  # time inside this tier's forwards
+    job_s: list[float] = field(default_factory=list)  # wall time of each verification forward
+    last_accepted: int = 0
+    last_drafted: int = 0
+
+    @property
+    def via_hidden(self) -> bool:
+        return self.tier.entry > 0
+
+
+@dataclass
+class Job:
+    """One forward of tier ``g`` over positions ``[start, stop)`` (inputs copied at submit time)."""
+
+    g: int
+    start: int
+    stop: int
+    tokens: torch.Tensor | None
+    hidden: torch.Tensor | None
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]  # the new tokens (prompt excluded)
+    seconds: float
+    stats: dict
+
+
+class Chain:
+    """A device drafter and 1-2 verifiers (module docstring)."""
+
+    def __init__(
+        self,
+        tiers: list[Tier],
+        links: list[Link] | None = None,
+        draft_len: int = 4,
+        adaptive: bool = False,
+        min_draft: int = 1,
+        max_draft: int = 16,
+        blocks: list[int] | None = None,
+        temperature: float = 0.0,
+        eos_token_ids: list[int] | None = None,
+        pipelined: bool = False,
+        seed: int = 0,
+        cores: list[int] | None = None,
+    ) -> None:
+        if not 1 <= len(tiers) <= 3:
+            raise AiflowError(f"A chain has 1 to 3 tiers (device[, edge[, cloud]]); got {len(tiers)}.")
+        if not 1 <= min_draft <= draft_len <= max_draft:
+            raise AiflowError(f"Draft lengths must satisfy 1 ≤ min ({min_draft}) ≤ draft_len ({draft_len}) ≤ max ({max_draft}).")
+        links = links or [Link(f"{a.name}->{b.name}") for a, b in zip(tiers, tiers[1:])]
+        blocks = blocks or [1] * (len(tiers) - 1)
+        self.slots = [Slot(tiers[0], None)] + [Slot(t, l, b) for t, l, b in zip(tiers[1:], links, blocks)]
+        self.draft_len, self.adaptive, self.min_draft, self.max_draft = draft_len, adaptive, min_draft, max_draft
+        self.temperature = temperature
+        self.eos = set(eos_token_ids or [])
+        self.pipelined = pipelined
+        self.cores = cores
+        self.generator = torch.Generator().manual_seed(seed)
+        self.seq: list[int] = []
+        self.warnings: list[str] = []
+
+    # ---------------------------------------------------------------- the generation loop
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
+        """Generate up to ``max_new_tokens`` after ``input_ids`` (1, T); stream final tokens to ``on_tokens``."""
+        self._reset(input_ids.view(-1).tolist())
+        prompt_len = emitted = len(self.seq)
+        pool = ThreadPoolExecutor(1, initializer=self._pin, initargs=(1,)) if self.pipelined else None
+        self._pin(0)
+        in_flight: tuple[Job, Future] | None = None
+        gamma, start_time = self.draft_len, time.perf_counter()
+        try:
+            while not self._finished(prompt_len, max_new_tokens):
+                job = None if in_flight else self._next_job(max_new_tokens + prompt_len)
+                if job is not None and pool is not None:
+                    in_flight = (job, pool.submit(self._run, job))
+                elif job is not None:
+                    self._finish(job, self._run(job), gamma)
+                    gamma = self._adapt(gamma, job)
+                elif in_flight is not None and in_flight[1].done():
+                    self._finish(in_flight[0], in_flight[1].result(), gamma)
+                    gamma, in_flight = self._adapt(gamma, in_flight[0]), None
+                elif self._unverified() < gamma * (2 if in_flight else 1) and not self._drafted_eos():
+                    self._draft_one()  # the device keeps drafting while a verifier works
+                elif in_flight is not None:
+                    in_flight[1].exception()  # nothing to draft: wait for the verifier
+                else:
+                    raise AssertionError("speculative chain made no progress")  # a bug, never a user error
+                final = self.slots[-1].approved
+                if on_tokens and final > emitted:
+                    on_tokens(self.seq[emitted:final])
+                    emitted = final
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
+        new = self.seq[prompt_len:self.slots[-1].approved][:max_new_tokens]
+        for i, token in enumerate(new):
+            if token in self.eos:
+                new = new[: i + 1]
+                break
+        return GenerationResult(new, time.perf_counter() - start_time, self.stats(len(new), time.perf_counter() - start_time))
+
+    # ---------------------------------------------------------------- steps
+    def _next_job(self, limit: int) -> Job | None:
+        """The highest tier whose block of approved-below tokens is full (or final), as a job."""
+        for g in range(len(self.slots) - 1, 0, -1):
+            slot, low = self.slots[g], self.slots[g - 1]
+            waiting = low.approved - slot.approved
+            flush = low.approved >= limit or any(t in self.eos for t in self.seq[slot.approved:low.approved])
+            ready = min(low.approved, low.done) if slot.via_hidden else low.approved
+            if waiting > 0 and ready > slot.done and (waiting >= self._block(g) or flush):
+                return self._job(g, ready)
+        return None
+
+    def _block(self, g: int) -> int:
+        return self.draft_len if g == 1 and self.slots[g].block <= 1 else self.slots[g].block
+
+    def _job(self, g: int, stop: int) -> Job:
+        slot, low = self.slots[g], self.slots[g - 1] if g else None
+        start = slot.done
+        if slot.via_hidden:
+            hidden = torch.stack([low.hidden[p] for p in range(start, stop)])
+            return Job(g, start, stop, None, hidden)
+        return Job(g, start, stop, torch.tensor(self.seq[start:stop]), None)
+
+    def _run(self, job: Job) -> TierOutput | str:
+        """The forward (touches no chain state: safe in a worker thread). A failure comes back as text."""
+        slot = self.slots[job.g]
+        want_hidden = job.g + 1 < len(self.slots) and self.slots[job.g + 1].via_hidden
+        t0 = time.perf_counter()
+        try:
+            if slot.link is not None:  # up: hidden states (familial reuse) or token ids
+                sent = job.hidden if job.hidden is not None else job.tokens
+                slot.link.send(sent.numel() * 4, up=True)
+            out = slot.tier.process(job.start, tokens=job.tokens, hidden=job.hidden,
+                                    temperature=self.temperature, want_hidden=want_hidden)
+            if slot.link is not None:  # down: predictions (int32 ids or float32 probabilities) [+ hidden]
+                down = out.preds.numel() * 4
+                slot.link.send(down + (out.hidden.numel() * 4 if out.hidden is not None and want_hidden else 0), up=False)
+        except TierUnavailable as exc:
+            return str(exc)
+        finally:
+            slot.busy_s += time.perf_counter() - t0
+            slot.job_s.append(time.perf_counter() - t0)
+        return out
+
+    def _finish(self, job: Job, out: TierOutput | str, gamma: int) -> None:
+        """Store a forward's results, then let the tier check what the tier below approved."""
+        if isinstance(out, str):
+            if job.g == 0:
+                raise AiflowError(f"The device tier failed: {out}")
+            self._drop(job.g, out)
+            return
+        slot = self.slots[job.g]
+        slot.done = job.stop
+        for i in range(job.stop - job.start):
+            slot.preds[job.start + i] = out.preds[i]
+            if out.hidden is not None:
+                slot.hidden[job.start + i] = out.hidden[i]
+        if job.g > 0:
+            slot.calls += 1
+            self._check(job.g)
+
+    def _check(self, g: int) -> None:
+        """Tier g verifies the tokens the tier below approved, up to what it has predictions for."""
+        slot, low, seq = self.slots[g], self.slots[g - 1], self.seq
+        lo, hi = slot.approved, min(low.approved, slot.done + 1)
+        if hi <= lo:
+            return
+        draft = torch.tensor(seq[lo:hi])
+        with_bonus = hi == len(seq) and hi <= slot.done
+        rows = range(lo - 1, hi if with_bonus else hi - 1)
+        if self.temperature <= 0:
+            accepted, token = greedy_accept(draft, torch.stack([slot.preds[p] for p in rows]))
+        else:
+            q = torch.stack([low.preds[p] for p in range(lo - 1, hi - 1)])
+            p = torch.stack([slot.preds[p] for p in rows])
+            accepted, token = speculative_accept(draft, q, p, self.generator)
+        slot.accepted += accepted
+        slot.drafted += len(draft)
+        slot.produced += accepted + (token is not None)
+        slot.last_accepted, slot.last_drafted = accepted, len(draft)
+        if token is None:
+            slot.approved = hi
+            return
+        self._rollback(lo + accepted)
+        seq.append(token)
+        for s in self.slots[: g + 1]:
+            s.approved = len(seq)
+
+    def _draft_one(self) -> None:
+        """The device runs its pending positions and appends its next token."""
+        device = self.slots[0]
+        job = Job(0, device.done, len(self.seq), torch.tensor(self.seq[device.done:]), None)
+        self._finish(job, self._run(job), 0)
+        pred = device.preds[len(self.seq) - 1]
+        token = int(pred) if self.temperature <= 0 else int(torch.multinomial(pred, 1, generator=self.generator))
+        self.seq.append(token)
+        device.approved = len(self.seq)
+
+    def _rollback(self, position: int) -> None:
+        """Drop token ``position`` and everything after it from the sequence and every tier."""
+        del self.seq[position:]
+        for slot in self.slots:
+            slot.done = min(slot.done, position)
+            slot.approved = min(slot.approved, position)
+            for store in (slot.preds, slot.hidden):
+                for p in [p for p in store if p >= position]:
+                    del store[p]
+
+    def _adapt(self, gamma: int, job: Job) -> int:
+        """Adaptive draft length after a verification by tier 1.
+
+        Sequential: grow on full acceptance, shrink on rejection. Pipelined: match the draft block to
+        the verifier's forward time (median verify time / median device time per token).
+        """
+        if not self.adaptive or job.g != 1 or len(self.slots) < 2:
+            return gamma
+        slot = self.slots[1]
+        if self.pipelined and self.slots[0].job_s and slot.job_s:
+            per_token = sorted(self.slots[0].job_s)[len(self.slots[0].job_s) // 2]
+            verify = sorted(slot.job_s)[len(slot.job_s) // 2]
+            gamma = round(verify / max(per_token, 1e-6))
+        else:
+            gamma = next_draft_len(gamma, slot.last_accepted, slot.last_drafted, self.min_draft, self.max_draft)
+        self.draft_len = max(self.min_draft, min(self.max_draft, gamma))
+        return self.draft_len
+
+    def _drop(self, g: int, why: str) -> None:
+        """A verifier failed: drop it and the tiers above; the chain goes on with what is left."""
+        names = [s.tier.name for s in self.slots[g:]]
+        message = (f"tier(s) {', '.join(names)} unavailable ({why}); continuing with "
+                   f"{', '.join(s.tier.name for s in self.slots[:g])} only — output is no longer checked by {names[-1]}")
+        warnings.warn(message, stacklevel=2)
+        self.warnings.append(message)
+        del self.slots[g:]
+
+    # ---------------------------------------------------------------- helpers
+    def _reset(self, prompt: list[int]) -> None:
+        self.seq = list(prompt)
+        for slot in self.slots:
+            slot.tier.reset()
+            slot.done, slot.approved = 0, len(prompt)
+            slot.preds.clear()
+            slot.hidden.clear()
+            slot.job_s.clear()
+
+    def _finished(self, prompt_len: int, max_new_tokens: int) -> bool:
+        final = self.seq[prompt_len:self.slots[-1].approved]
+        return len(final) >= max_new_tokens or any(t in self.eos for t in final)
+
+    def _unverified(self) -> int:
+        return len(self.seq) - (self.slots[1].approved if len(self.slots) > 1 else len(self.seq))
+
+    def _drafted_eos(self) -> bool:
+        start = self.slots[1].approved if len(self.slots) > 1 else len(self.seq)
+        return any(t in self.eos for t in self.seq[start:])
+
+    def _pin(self, core_index: int) -> None:
+        """Pipelined placement: this thread (device=0, verifier worker=1) on its own core."""
+        if self.cores and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, {self.cores[core_index % len(self.cores)]})
+
+    def stats(self, new_tokens: int = 0, seconds: float = 0.0) -> dict:
+        tiers = []
+        for slot in self.slots:
+            row = {"tier": slot.tier.name, "entry_layer": slot.tier.entry, "busy_s": round(slot.busy_s, 3)}
+            if slot.link is not None:
+                row.update(accepted=slot.accepted, drafted=slot.drafted, calls=slot.calls,
+                           acceptance_rate=round(slot.accepted / max(1, slot.drafted), 3),
+                           mean_accepted_len=round(slot.produced / max(1, slot.calls), 3), **slot.link.stats())
+            tiers.append(row)
+        return {"new_tokens": new_tokens, "seconds": round(seconds, 3),
+                "tokens_per_s": round(new_tokens / seconds, 2) if seconds > 0 else 0.0,
+                "tiers": tiers, "warnings": list(self.warnings)}

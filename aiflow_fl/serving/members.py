@@ -1,0 +1,195 @@
+"""Family members as serving tiers, and the local tier that runs one.
+
+A member is a causal LM whose first ``exit_layer`` decoder layers are the backbone's own (identical
+weights in every member of a family), optionally followed by one private *branch* layer (EESB,
+paper §III-B2), then the shared final norm and LM head. Because the shared layers are identical,
+a larger member can start at layer ``exit_layer`` of a smaller one from its hidden states, and the
+smaller member's KV cache *is* the cache of those layers: nothing is recomputed (familial reuse,
+paper §III-C; LayerSkip's self-speculation).
+
+:class:`LocalTier` runs the layers ``[entry, exit_layer)`` of a member on new positions — from token
+ids when ``entry == 0``, else from the hidden states a lower tier produced at layer ``entry`` — then
+its branch, norm and head, keeping one KV cache across rounds that can be cropped on rejection.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from aiflow_fl.errors import AiflowError
+from aiflow_fl.layers import decoder_of, embed, head, positions, run_layers
+from aiflow_fl.serving.acceptance import probs_from_logits
+
+
+@dataclass
+class Member:
+    """One family member seen by the serving code (see module docstring)."""
+
+    name: str
+    model: PreTrainedModel
+    exit_layer: int  # decoder layers it runs before its branch / final norm
+    branch: bool = False  # layer ``exit_layer`` of ``model`` is a private branch
+    shared_layers: int | None = None  # leading layers identical to the backbone's (None: exit_layer)
+
+    def __post_init__(self) -> None:
+        if self.shared_layers is None:
+            self.shared_layers = self.exit_layer
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+
+def early_exit_model(backbone: PreTrainedModel, exit_layer: int) -> PreTrainedModel:
+    """A standalone causal LM = the backbone's first ``exit_layer`` layers + its norm and head.
+
+    The modules are *shared* with the backbone (no copy), so this costs no memory; it is what
+    transformers' ``generate(assistant_model=...)`` gets as the same draft (LayerSkip-style early
+    exit with the shared head).
+    """
+    total = backbone.config.num_hidden_layers
+    if not 1 <= exit_layer <= total:
+        raise AiflowError(f"Exit layer {exit_layer} is outside 1..{total} (the backbone has {total} decoder layers).")
+    if exit_layer == total:
+        return backbone
+    config = copy.deepcopy(backbone.config)
+    config.num_hidden_layers = exit_layer
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:exit_layer]
+    with torch.device("meta"):
+        model = type(backbone)(config)
+    inner, source = decoder_of(model), decoder_of(backbone)
+    inner.embed_tokens = source.embed_tokens
+    inner.layers = torch.nn.ModuleList(list(source.layers[:exit_layer]))
+    inner.norm = source.norm
+    inner.rotary_emb = source.rotary_emb
+    model.lm_head = backbone.lm_head
+    model.generation_config = copy.deepcopy(backbone.generation_config)
+    return model.eval()
+
+
+def early_exit_members(backbone: PreTrainedModel, exits: list[int], prefix: str = "exit") -> list[Member]:
+    """Members ``exit-k`` for each k in ``exits`` (ascending) plus the full backbone last."""
+    total = backbone.config.num_hidden_layers
+    if sorted(set(exits)) != list(exits) or any(not 1 <= k < total for k in exits):
+        raise AiflowError(f"Exits {exits} must be strictly increasing layer counts within 1..{total - 1}.")
+    members = [Member(f"{prefix}-{k}", early_exit_model(backbone, k), k) for k in exits]
+    return members + [Member("full", backbone, total)]
+
+
+def family_members(folder: str, names: list[str], dtype: torch.dtype | None = None) -> tuple[list[Member], object]:
+    """Members ``names`` of a family folder (``aiflow family build``) and the family's tokenizer."""
+    from aiflow_fl.family.family import load_member
+
+    members, tokenizer = [], None
+    for name in names:
+        model, tokenizer, spec = load_member(folder, name, dtype)
+        layers = model.config.num_hidden_layers
+        if spec.kind == "eesb":
+            members.append(Member(name, model.eval(), spec.exit, branch=True, shared_layers=spec.exit))
+        else:  # full / head: all its layers; hpcd: none of them are the backbone's own
+            members.append(Member(name, model.eval(), layers, shared_layers=spec.shared_layers(layers)))
+    return members, tokenizer
+
+
+def draft_vocabulary(vocab_size: int, size: int, always: list[int]) -> torch.Tensor | None:
+    """Ids of a reduced draft head: the first ``size`` ids (byte-level BPE ids are in merge order,
+    i.e. roughly by frequency) plus ``always`` (end-of-turn and other special ids). None = full.
+
+    The draft then only proposes these tokens; verification stays exact (greedy: a token outside
+    is simply a mismatch the verifier corrects; sampling: ``q = 0`` outside, the residual covers it).
+    """
+    if size <= 0 or size >= vocab_size:
+        return None
+    ids = torch.cat([torch.arange(size), torch.tensor(sorted(set(always)), dtype=torch.long)])
+    return torch.unique(ids)
+
+
+@dataclass
+class TierOutput:
+    """What a tier computed for a run of new positions."""
+
+    hidden: torch.Tensor | None  # (n, H) exit hidden states (before the branch): where the next tier resumes
+    preds: torch.Tensor  # greedy: (n,) argmax token ids; sampling: (n, V) next-token probabilities
+
+
+def predictions(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """What verification needs from (n, V) logits: argmax ids (temperature 0) or probabilities."""
+    return logits.argmax(-1) if temperature <= 0 else probs_from_logits(logits, temperature)
+
+
+@dataclass
+class LocalTier:
+    """A member running in this process from layer ``entry`` (module docstring)."""
+
+    member: Member
+    entry: int = 0  # 0: from token ids; else resumes from a lower tier's hidden states at this layer
+    vocab: torch.Tensor | None = None  # reduced head (draft only)
+    cache: DynamicCache = field(init=False)
+    branch_cache: DynamicCache | None = field(init=False)
+    _head_weight: torch.Tensor | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.entry <= self.member.exit_layer:
+            raise AiflowError(
+                f"Tier '{self.member.name}' cannot resume at layer {self.entry}: it runs layers 0..{self.member.exit_layer}."
+            )
+        if self.vocab is not None:
+            self._head_weight = self.member.model.lm_head.weight[self.vocab].detach().clone()
+        self.reset()
+
+    @property
+    def name(self) -> str:
+        return self.member.name
+
+    def reset(self) -> None:
+        config = self.member.model.config
+        self.cache = DynamicCache(config=config)
+        self.branch_cache = DynamicCache(config=config) if self.member.branch else None
+
+    @torch.inference_mode()
+    def process(
+        self,
+        start: int,
+        tokens: torch.Tensor | None = None,
+        hidden: torch.Tensor | None = None,
+        temperature: float = 0.0,
+        want_hidden: bool = True,
+    ) -> TierOutput:
+        """Run positions ``start..start+n-1`` given as ``tokens`` (n,) or ``hidden`` (n, H).
+
+        Everything this tier cached at positions ≥ ``start`` is forgotten first, so a rollback
+        needs no separate message: the next call simply starts at the rollback point.
+        """
+        self.crop(start)
+        model, stop = self.member.model, self.member.exit_layer
+        if (tokens is None) == (hidden is None):
+            raise AiflowError("LocalTier.process needs exactly one of tokens or hidden states.")
+        if tokens is not None and self.entry != 0:
+            raise AiflowError(f"Tier '{self.name}' resumes at layer {self.entry} and needs hidden states, not tokens.")
+        x = embed(model, tokens.view(1, -1)) if tokens is not None else hidden.view(1, -1, self.member.hidden_size)
+        pos = positions(start, x.shape[1])
+        exit_hidden = run_layers(model, x, self.entry, stop, pos, self.cache) if stop > self.entry else x
+        out = exit_hidden
+        if self.member.branch:
+            out = run_layers(model, out, stop, stop + 1, pos, self.branch_cache)
+        if self._head_weight is None:
+            logits = head(model, out)[0]
+        else:
+            small = torch.nn.functional.linear(decoder_of(model).norm(out), self._head_weight)[0]
+            logits = torch.full((small.shape[0], model.config.vocab_size), float("-inf"))
+            logits[:, self.vocab] = small
+        return TierOutput(exit_hidden[0] if want_hidden else None, predictions(logits, temperature))
+
+    def crop(self, length: int) -> None:
+        """Forget every position ≥ ``length`` (after a rejection)."""
+        for cache in (self.cache, self.branch_cache):
+            if cache is None:
+                continue
+            for layer in cache.layers:
+                if layer.is_initialized and layer.keys.shape[-2] > length:
+                    layer.crop(-(layer.keys.shape[-2] - length))
