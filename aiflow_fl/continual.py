@@ -195,6 +195,92 @@ def mixed_batches(current: torch.Tensor, buffer: ReplayBuffer, batch_size: int, 
         yield torch.cat([new, buffer.sample(n_replay, generator)]) if n_replay else new
 
 
+# --------------------------------------------------------------------------- federated training hooks
+
+
+def check_config(cfg: Any) -> None:
+    """:func:`check_continual` on an :class:`AiflowConfig` (call before the run starts)."""
+    c = cfg.continual
+    check_continual(stages=c.stages, rounds=cfg.federation.rounds, replay=c.replay, replay_fraction=c.replay_fraction,
+                    buffer_size=c.buffer_size, domains=list(c.domains))
+
+
+def stage_chunks(cfg: Any, profile: Any, stage: int, tokenizer: Any = None) -> Any:
+    """The training chunks that arrive on a device in ``stage``: its partition of the stage's source."""
+    from dataclasses import replace
+
+    from aiflow_fl.federated.device import load_device_data
+
+    if tokenizer is None:
+        from aiflow_fl.models import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model.name)
+    stage_cfg = replace(cfg, data=replace(cfg.data, source=stage_source(stage, list(cfg.continual.domains))))
+    return load_device_data(stage_cfg, profile, tokenizer).train
+
+
+def buffer_to_json(buffer: ReplayBuffer, stage_done: int) -> dict[str, Any]:
+    config, arrays = buffer.to_records()
+    examples = arrays.get("examples")
+    return config | {"stage-done": stage_done, "examples": [] if examples is None else examples.tolist()}
+
+
+def buffer_from_json(obj: dict[str, Any]) -> tuple[ReplayBuffer, int]:
+    arrays = {"examples": np.asarray(obj["examples"], dtype=np.int64)} if obj["examples"] else {}
+    return ReplayBuffer.from_records(obj, arrays), int(obj["stage-done"])
+
+
+def add_continual_hooks(hooks: Any, cfg: Any, state: Any, profile: Any) -> Any:
+    """Plug staged data and replay into the federated training loop (``TrainingHooks``).
+
+    ``round_data`` returns the current stage's chunks (after putting every finished stage into the
+    replay buffer kept in ``state.extra``); without DP, ``prepare`` replaces the loop's batches by
+    same-size batches with a ``replay_fraction`` share from the buffer. Under DP the buffer's examples
+    join the round's data instead (Poisson sampling draws from stage + buffer), since DP-SGD's
+    sampling must cover the whole set it protects.
+    """
+    from aiflow_fl.data.sources import TokenChunks
+
+    c = cfg.continual
+    previous_after = hooks.after_round
+    seen: dict[str, Any] = {}
+
+    def round_data(chunks: Any, server_round: int) -> Any:
+        stage = stage_of_round(max(1, server_round), cfg.federation.rounds, c.stages)
+        if "replay" in state.extra:
+            buffer, done = buffer_from_json(state.extra["replay"])
+        else:
+            buffer, done = ReplayBuffer(c.buffer_size, c.replay if c.replay != "none" else "reservoir",
+                                        seed=cfg.run.seed + profile.partition_id), -1
+        if c.replay != "none":
+            for finished in range(done + 1, stage):
+                buffer.add_stage(finished, stage_chunks(cfg, profile, finished).input_ids)
+            done = max(done, stage - 1)
+        state.extra["replay"] = buffer_to_json(buffer, done)
+        current = stage_chunks(cfg, profile, stage)
+        seen.update(stage=stage, buffer=buffer, current=current)
+        if cfg.privacy.enabled and len(buffer) and c.replay_fraction > 0:
+            return TokenChunks(torch.cat([current.input_ids, buffer.examples]),
+                               list(current.domains) + ["replay"] * len(buffer))
+        return current
+
+    def prepare(model: Any, optimizer: Any, batches: Any) -> tuple:
+        steps = len(batches)
+        generator = torch.Generator().manual_seed(cfg.run.seed + 7919 * profile.partition_id + seen["stage"])
+        mixed = list(mixed_batches(seen["current"].input_ids, seen["buffer"], cfg.train.batch_size, steps,
+                                   c.replay_fraction if c.replay != "none" else 0.0, generator))
+        return model, optimizer, mixed
+
+    def after_round(result: Any) -> dict[str, float]:
+        extra = previous_after(result) if previous_after else {}
+        return {**extra, "stage": float(seen["stage"]), "replay-buffer": float(len(seen["buffer"]))}
+
+    hooks.round_data, hooks.after_round = round_data, after_round
+    if c.replay != "none" and c.replay_fraction > 0:
+        hooks.prepare = prepare
+    return hooks
+
+
 # --------------------------------------------------------------------------- metrics
 
 

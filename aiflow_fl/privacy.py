@@ -105,6 +105,17 @@ class DPPlan:
         return {f"plan.{k}": v for k, v in self.__dict__.items()}
 
 
+def check_config(cfg: Any) -> None:
+    """The data-independent privacy checks on an :class:`AiflowConfig` (call before the run starts);
+    δ against each device's number of examples is checked on the device before it trains."""
+    p = cfg.privacy
+    if p.enabled:
+        check_privacy_values(noise_multiplier=p.noise_multiplier, target_epsilon=p.target_epsilon, delta=p.delta,
+                             max_grad_norm=p.max_grad_norm, accountant=p.accountant)
+    if p.server_side:
+        check_server_side(cfg)
+
+
 def opacus_sample_rate(num_examples: int, batch_size: int) -> float:
     """q exactly as ``PrivacyEngine.make_private`` computes it: 1 / len(DataLoader(n, batch_size))."""
     return 1.0 / math.ceil(num_examples / batch_size)
@@ -258,7 +269,13 @@ def independent_epsilon(noise_multiplier: float, sample_rate: float, steps: int,
 def per_example_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                         ) -> torch.Tensor:
     """Next-token cross-entropy of each example, averaged over its own predicted tokens: shape (B,)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return per_example_loss_from_logits(logits, input_ids, attention_mask)
+
+
+def per_example_loss_from_logits(logits: torch.Tensor, input_ids: torch.Tensor,
+                                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    logits = logits[:, :-1]
     targets = input_ids[:, 1:]
     token_loss = nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none"
@@ -365,6 +382,76 @@ class PrivateLoraTraining:
                 if hasattr(p, attr):
                     delattr(p, attr)
         self.hooks.cleanup()
+
+
+class _DPLossView(nn.Module):
+    """The model as the federated training loop sees it under DP (``model(input_ids=, labels=).loss``):
+    the loss is the mean of per-example losses, and an empty Poisson batch becomes a noise-only step
+    (zero per-example gradients, then the DPOptimizer adds noise and the accountant counts the step)."""
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter]) -> None:
+        super().__init__()
+        self.inner = model
+        self._params = params  # a plain list: not registered twice as parameters of this view
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        if input_ids.shape[0] == 0:
+            from types import SimpleNamespace
+
+            for p in self._params:
+                p.grad_sample = p.new_zeros((0, *p.shape))
+            return SimpleNamespace(loss=sum((p * 0.0).sum() for p in self._params), logits=None)
+        out = self.inner(input_ids=input_ids, **kwargs)
+        out.loss = per_example_loss_from_logits(out.logits, input_ids, kwargs.get("attention_mask")).mean()
+        return out
+
+
+def add_dp_hooks(hooks: Any, cfg: Any, state: Any) -> Any:
+    """Plug DP-SGD into the federated training loop (:class:`aiflow_fl.federated.local.TrainingHooks`).
+
+    * ``round_data`` is wrapped to remember the chunks this round trains on (the set Poisson sampling
+      draws from: the device's data, or a continual stage plus its replay buffer);
+    * ``prepare`` plans the DP settings (σ derived once from the target ε for rounds × local steps and
+      then kept in ``state.extra``), restores the device's accountant from ``state.extra``, makes the
+      model/optimizer private with Opacus and replaces the loop's batches by as many Poisson batches;
+    * ``after_round`` removes the hooks, stores the accountant and reports ``dp-epsilon`` etc.
+    """
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # expected with frozen inputs
+    previous_round_data, previous_after = hooks.round_data, hooks.after_round
+    seen: dict[str, Any] = {}
+
+    def round_data(chunks: Any, server_round: int) -> Any:
+        chunks = previous_round_data(chunks, server_round) if previous_round_data else chunks
+        seen["chunks"] = chunks
+        return chunks
+
+    def prepare(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Any) -> tuple:
+        chunks = seen["chunks"]
+        steps = len(list(batches)) if not isinstance(batches, list) else len(batches)
+        p = cfg.privacy
+        plan = plan_dp(
+            num_examples=len(chunks), batch_size=cfg.train.batch_size, steps_per_round=steps,
+            rounds=cfg.federation.rounds, noise_multiplier=state.extra.get("dp-noise", p.noise_multiplier),
+            target_epsilon=p.target_epsilon, delta=p.delta, max_grad_norm=p.max_grad_norm,
+            accountant=p.accountant, num_trainable=len(trainable_parameters(model)),
+        )
+        state.extra["dp-noise"] = plan.noise_multiplier
+        accountant = ClientAccountant.from_config(state.extra["dp-accountant"]) if "dp-accountant" in state.extra \
+            else ClientAccountant(p.accountant)
+        training = PrivateLoraTraining(model, optimizer, chunks.input_ids, cfg.train.batch_size, plan, accountant)
+        seen.update(training=training, plan=plan)
+        poisson = training.batches()
+        return _DPLossView(model, training.params), training.optimizer, [next(poisson) for _ in range(steps)]
+
+    def after_round(result: Any) -> dict[str, float]:
+        extra = previous_after(result) if previous_after else {}
+        training: PrivateLoraTraining = seen["training"]
+        training.close()
+        state.extra["dp-accountant"] = training.accountant.to_config()
+        return {**extra, **dp_metrics(training.accountant, seen["plan"])}
+
+    hooks.round_data, hooks.prepare, hooks.after_round = round_data, prepare, after_round
+    return hooks
 
 
 def dp_metrics(accountant: ClientAccountant, plan: DPPlan) -> dict[str, float]:

@@ -1,0 +1,103 @@
+"""DP and continual learning inside the federated device round (the code path the ClientApp runs):
+``device_train`` with ``clients.app.training_hooks`` and the device state carried through Flower's
+``context.state`` between rounds, on a tiny saved model and real pydoc / stdlib text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from flwr.app import Context, RecordDict
+from opacus.accountants import RDPAccountant
+
+from aiflow_fl.config import load_config
+from aiflow_fl.errors import AiflowError
+from aiflow_fl.federated.device import device_profile, device_train, load_device_data
+from aiflow_fl.models import load_tokenizer, tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir() -> str:
+    """A tiny model folder at a fixed path, so the tokenized-data cache (keyed by it) is reused."""
+    import shutil
+    import tempfile
+
+    from aiflow_fl.models import cache_dir
+
+    path = cache_dir() / "tests" / "tiny-llama-l2-h32-seed0"
+    if not (path / "config.json").is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent))
+        tiny_model("llama", num_layers=2, hidden_size=32).save_pretrained(tmp)
+        load_tokenizer().save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    return str(path)
+
+
+def config(tiny_dir: str, *extra: str):
+    return load_config([
+        f"model.name={tiny_dir}", "federation.members=[exit-2]", "federation.ranks=[4]", "federation.num_devices=2",
+        "federation.rounds=3", "data.source=pydoc", "data.partitioner=iid", "data.seq_len=32",
+        "data.max_examples_per_client=40", "train.batch_size=8", "train.local_steps=3", *extra,
+    ])
+
+
+def run_rounds(cfg, rounds: int, partition: int = 0) -> list[dict[str, float]]:
+    from clients.app import load_state, save_state, training_hooks
+
+    context = Context(run_id=1, node_id=partition, node_config={"partition-id": partition, "num-partitions": 2},
+                      state=RecordDict(), run_config={})
+    profile = device_profile(dict(context.node_config), cfg)
+    out = []
+    for server_round in range(1, rounds + 1):
+        state = load_state(context)  # as the ClientApp does: a fresh process each round
+        _, metrics = device_train(cfg, profile, state, None, None, server_round, cfg.train.local_steps, 1e-3,
+                                  hooks=training_hooks(cfg, state, profile))
+        save_state(context, state)
+        out.append(metrics)
+    return out
+
+
+def test_device_reports_epsilon_composed_over_its_rounds(tiny_dir: str) -> None:
+    cfg = config(tiny_dir, "privacy.enabled=true", "privacy.target_epsilon=6", "privacy.max_grad_norm=0.5",
+                 "federation.rounds=2", "train.local_steps=2")
+    metrics = run_rounds(cfg, 2)
+    n = len(load_device_data(cfg, device_profile({"partition-id": 0, "num-partitions": 2}, cfg),
+                             load_tokenizer(tiny_dir)).train)
+    sigma, q = metrics[0]["dp-noise-multiplier"], metrics[0]["dp-sample-rate"]
+    assert q == pytest.approx(1 / -(-n // 8))
+    for r, m in enumerate(metrics, start=1):
+        reference = RDPAccountant()
+        reference.history = [(sigma, q, 2 * r)]
+        assert m["dp-steps"] == 2 * r
+        assert m["dp-epsilon"] == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-9)
+        assert m["dp-noise-multiplier"] == sigma  # derived once, kept for the run
+    assert 5.9 <= metrics[-1]["dp-epsilon"] <= 6.0  # the target is met for the whole run, not per round
+
+
+def test_bad_delta_is_refused_on_the_device_before_training(tiny_dir: str) -> None:
+    cfg = config(tiny_dir, "privacy.enabled=true", "privacy.delta=0.1")
+    with pytest.raises(AiflowError, match="privacy.delta is 0.1"):
+        run_rounds(cfg, 1)
+
+
+def test_stages_come_from_different_domains_and_fill_the_replay_buffer(tiny_dir: str) -> None:
+    cfg = config(tiny_dir, "continual.enabled=true", "continual.stages=2", "federation.rounds=2",
+                 "continual.replay=reservoir", "continual.replay_fraction=0.25", "continual.buffer_size=8",
+                 "train.local_steps=1")
+    metrics = run_rounds(cfg, 2)
+    assert [m["stage"] for m in metrics] == [0.0, 1.0]
+    assert [m["replay-buffer"] for m in metrics] == [0.0, 8.0]
+    assert all(m["train-steps"] == 1 for m in metrics)
+
+
+def test_continual_with_dp_composes_over_stages(tiny_dir: str) -> None:
+    cfg = config(tiny_dir, "continual.enabled=true", "continual.stages=2", "federation.rounds=2",
+                 "continual.replay=stage", "continual.replay_fraction=0.25", "continual.buffer_size=8",
+                 "privacy.enabled=true", "privacy.noise_multiplier=1.0", "train.local_steps=2")
+    metrics = run_rounds(cfg, 2)
+    assert metrics[1]["dp-steps"] == 4
+    reference = RDPAccountant()
+    reference.history = [(1.0, metrics[0]["dp-sample-rate"], 2), (1.0, metrics[1]["dp-sample-rate"], 2)]
+    assert metrics[1]["dp-epsilon"] == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-9)
