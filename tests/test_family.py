@@ -23,6 +23,7 @@ from aiflow_fl.family import (
 )
 from aiflow_fl.family.budget import budget_from_fraction, exit_and_ratio, explicit_eesb, size_model
 from aiflow_fl.family.members import count_member, skeleton
+from aiflow_fl.models import tiny_model
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -30,18 +31,24 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 def _family(model, tokenizer=None):
     cfg = FamilyConfig(kind="both", exits=[1, 2, 2], ratios=[0.5, 0.3, 0.6], hpcd_components=3, hpcd_ratio=0.15)
     torch.manual_seed(0)
-    batches = [torch.randint(0, 5000, (2, 24)) for _ in range(2)]
+    batches = [torch.randint(0, 500, (2, 24)) for _ in range(2)]
     return family_from_backbone(model, tokenizer, cfg, batches=batches)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny(request):
+    """A tiny random model with a small vocabulary (these tests need no tokenizer): fast on a busy CPU."""
+    return tiny_model(request.param, num_layers=4, vocab_size=512)
+
+
+@pytest.fixture(scope="module")
 def family(tiny):
     return _family(tiny)
 
 
 def test_members_are_real_causal_lms_with_shared_layers(tiny, family):
     assert list(family.members) == ["full", "eesb-0", "eesb-1", "eesb-2", "hpcd-1", "hpcd-2", "hpcd-3"]
-    ids = torch.randint(0, 5000, (1, 11))
+    ids = torch.randint(0, 500, (1, 11))
     with torch.no_grad():
         reference = tiny(ids, output_hidden_states=True)
         for name in ["eesb-0", "eesb-1", "eesb-2"]:
@@ -91,10 +98,10 @@ def test_hpcd_member_k_is_the_sum_of_its_first_k_components(tiny, family):
     assert counts[0] < counts[1] < counts[2]
 
 
-@pytest.mark.parametrize("name", ["full", "eesb-0", "eesb-2", "hpcd-2"])
+@pytest.mark.parametrize("name", ["eesb-2", "hpcd-2"])
 def test_peft_lora_with_backbone_target_names_works_on_every_member(family, name):
     member = family.build(name)
-    ids = torch.randint(0, 5000, (2, 9))
+    ids = torch.randint(0, 500, (2, 9))
     peft_model = get_peft_model(member, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS))
     wrapped = [n for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
     assert len(wrapped) == 7 * member.config.num_hidden_layers  # every linear, decomposed ones included
@@ -128,11 +135,12 @@ def test_alignment_keys_and_inverse(family):
 
 
 def test_save_and_load_member_reads_only_its_tensors(tiny, tokenizer, tmp_path):
-    family = _family(tiny, tokenizer)
+    family = _family(tiny)
+    family.tokenizer = tokenizer
     folder = family.save(tmp_path / "fam")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
-    ids = torch.randint(0, 5000, (1, 7))
-    for name in family.members:
+    ids = torch.randint(0, 500, (1, 7))
+    for name in ["full", "eesb-1", "hpcd-2"]:
         model, tok, spec = load_member(folder, name)
         assert spec == family.spec(name) and tok.eos_token_id == tokenizer.eos_token_id
         with torch.no_grad():
@@ -177,7 +185,9 @@ def test_budget_picks_last_exit_that_fits_and_fills_it(tiny):
     exit_layer, ratio = exit_and_ratio(sizes, sizes.fixed + 2 * sizes.layer + sizes.branch(0.3))
     assert exit_layer == 2 and abs(sizes.branch(ratio) - sizes.branch(0.3)) < sum(m + n for m, n, _ in sizes.linears.values())
     # the spec of the built member matches the size model
-    family = _family(tiny)
+
+def test_built_member_size_matches_the_size_model(tiny, family):
+    sizes = size_model(tiny.config)
     spec = family.spec("eesb-1")
     assert spec.num_parameters == sizes.eesb(spec.exit, spec.ratio)
 
@@ -201,13 +211,12 @@ def test_bad_budgets_exits_ratios_name_value_and_range(tiny, call, words):
         assert word in str(info.value)
 
 
-def test_unsupported_architecture_and_bad_head_exit(tiny):
+def test_unsupported_architecture_and_bad_head_exit(tiny, family):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100))
     with pytest.raises(AiflowError, match="Unsupported architecture 'gpt2'"):
         family_from_backbone(gpt2, None, FamilyConfig())
-    family = _family(tiny)
     with pytest.raises(AiflowError, match="0..4"):
         head_member(family, 5)
     head = family.build(head_member(family, 2))

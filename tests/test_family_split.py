@@ -11,15 +11,22 @@ from aiflow_fl.family import family_from_backbone
 from aiflow_fl.family.split import resume, run_prefix
 
 
-@pytest.fixture
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny(request):
+    from aiflow_fl.models import tiny_model
+
+    return tiny_model(request.param, num_layers=4, vocab_size=512)
+
+
+@pytest.fixture(scope="module")
 def family(tiny):
     cfg = FamilyConfig(kind="eesb", exits=[1, 2], ratios=[0.5, 0.5])
-    return family_from_backbone(tiny, None, cfg, batches=[torch.randint(0, 5000, (2, 16))])
+    return family_from_backbone(tiny, None, cfg, batches=[torch.randint(0, 500, (2, 16))])
 
 
 def test_resume_from_small_member_equals_one_full_forward_without_recomputation(tiny, family):
     small, full = family.build("eesb-1"), family.build("full")  # eesb-1: exit 2
-    ids = torch.randint(0, 5000, (2, 10))
+    ids = torch.randint(0, 500, (2, 10))
     calls = {i: 0 for i in range(4)}
     handles = [layer.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
                for i, layer in enumerate(full.model.layers)]
@@ -40,7 +47,7 @@ def test_resume_from_small_member_equals_one_full_forward_without_recomputation(
 
 def test_split_continues_a_prefix_cache_and_exit_zero(tiny, family):
     small, full = family.build("eesb-0"), family.build("full")
-    ids = torch.randint(0, 5000, (1, 9))
+    ids = torch.randint(0, 500, (1, 9))
     with torch.no_grad():
         reference = tiny(ids).logits
         # two splits of one sequence: the device keeps its cache, the receiver keeps its own
@@ -61,7 +68,7 @@ def test_split_continues_a_prefix_cache_and_exit_zero(tiny, family):
 
 def test_split_past_the_shared_layers_is_refused(family):
     small, full = family.build("eesb-0"), family.build("full")
-    ids = torch.randint(0, 5000, (1, 4))
+    ids = torch.randint(0, 500, (1, 4))
     with pytest.raises(AiflowError, match="0..1"):
         run_prefix(small, ids, 2, spec=family.spec("eesb-0"))  # layer 1 is its branch, not shared
     with pytest.raises(AiflowError, match="0..1"):

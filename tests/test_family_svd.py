@@ -18,6 +18,13 @@ from aiflow_fl.family.svd import (
 )
 
 
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny(request):
+    from aiflow_fl.models import tiny_model
+
+    return tiny_model(request.param, num_layers=3, vocab_size=512)
+
+
 def _inputs_of(model, linear, batches):
     """The real inputs X of one linear over the calibration batches (captured independently)."""
     captured = []
@@ -31,7 +38,7 @@ def _inputs_of(model, linear, batches):
 
 def test_eq3_whitened_loss_equals_dropped_singular_values(tiny):
     torch.manual_seed(0)
-    batches = [torch.randint(0, 5000, (2, 48)) for _ in range(3)]
+    batches = [torch.randint(0, 500, (2, 48)) for _ in range(3)]
     grams = calibrate(tiny, batches, layers=[1])
     assert set(grams) == {f"model.layers.1.{n}" for n in
                           ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -99,12 +106,15 @@ def test_hpcd_components_sum_to_the_weight_and_partial_rank():
     assert errors[0] > errors[1] > errors[2]
 
 
-def test_decomposed_linear_under_real_peft_and_merge_is_refused(tiny):
+def test_decomposed_linear_under_real_peft_and_merge_is_refused():
+    from aiflow_fl.models import tiny_model
+
+    tiny = tiny_model("qwen2", num_layers=2, vocab_size=512)
     linear = tiny.model.layers[0].self_attn.q_proj
-    grams = calibrate(tiny, [torch.randint(0, 5000, (1, 32))], layers=[0])
+    grams = calibrate(tiny, [torch.randint(0, 500, (1, 32))], layers=[0])
     dec = decompose_linear(linear, grams["model.layers.0.self_attn.q_proj"], rank=8)
     tiny.model.layers[0].self_attn.q_proj = dec
-    ids = torch.randint(0, 5000, (1, 10))
+    ids = torch.randint(0, 500, (1, 10))
     with torch.no_grad():
         before = tiny(ids).logits
     peft_model = get_peft_model(tiny, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
