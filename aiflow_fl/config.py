@@ -102,6 +102,7 @@ class TrainConfig:
     batch_size: int = 4
     lr: float = 3e-4
     eval_batch_size: int = 8
+    keep_optimizer_state: bool = True  # AdamW moments carried across rounds in context.state
 
 
 @dataclass

@@ -5,7 +5,7 @@ config, unpack ``base``/``lora``/``config`` (see :mod:`aiflow_fl.protocol`), tra
 with ``lora``/``metrics``/``profile``. State that must outlive a message (data cursor, optimizer
 moments, plug-in state) lives in ``context.state``.
 
-Fault injection (node config ``fault=raise|hang|nan|shape|missing``, optionally ``fault-round=R``)
+Fault injection (node config ``fault=raise|hang|nan|shape|missing``, optionally ``fault-rounds="1,3"``)
 makes a device misbehave on purpose, so tests can drive the server's fault handling through real
 Flower processes.
 """
@@ -76,7 +76,7 @@ def _profile_record(profile: DeviceProfile) -> ConfigRecord:
 
 
 def _inject_fault(profile: DeviceProfile, server_round: int, record: ArrayRecord) -> ArrayRecord:
-    if not profile.fault or (profile.fault_round and profile.fault_round != server_round):
+    if not profile.fault or (profile.fault_rounds and server_round not in profile.fault_rounds):
         return record
     if profile.fault == "raise":
         raise RuntimeError(f"injected fault: device {profile.partition_id} fails in round {server_round}")

@@ -101,11 +101,14 @@ def run_server(grid: Grid, cfg: AiflowConfig, progress: Any = None) -> ServerSum
         metrics = evaluator(merged)
         train_rounds = range(watched.round_offset + flower_round - edge_rounds + 1, watched.round_offset + flower_round + 1)
         client = _client_summary([m for r in train_rounds for m in watched.client_metrics.get(r, [])])
-        history = strategy.history[-1] if getattr(strategy, "history", None) else {}
+        # The strategy's own counts: it also leaves out malformed updates the grid cannot see.
+        history = strategy.history[-edge_rounds:]
         round_s = time.perf_counter() - round_start[0]
         folder.log({"round": cloud_round, "kind": "train", **client, "round-s": round_s,
-                    "clients-failed": sum(len(watched.failures.get(r, [])) for r in train_rounds),
-                    **{k: v for k, v in history.items() if k.startswith(("bytes/", "cloud-bytes", "sim-round-s"))}})
+                    **{k: v for k, v in history[-1].items() if k.startswith(("bytes/", "cloud-bytes", "sim-round-s"))},
+                    "clients-ok": history[-1]["clients-ok"],
+                    "clients-failed": sum(h["clients-failed"] for h in history),
+                    "failures": [f for r in train_rounds for f in watched.failures.get(r, [])]})
         folder.log({"round": cloud_round, "kind": "eval", **metrics})
         tensors = {k: arrays[k].numpy() for k in arrays.keys()}
         folder.save_checkpoint(cloud_round, tensors, {"round": cloud_round, "strategy": cfg.strategy})

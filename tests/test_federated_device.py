@@ -88,7 +88,9 @@ def test_fold_base_matches_peft_merged_model(tiny):
     update = extract_update(src, _member(tiny), 8.0, 1)
     reference = src.merge_and_unload()
     folded = copy.deepcopy(tiny)
-    assert fold_base(folded, _member(folded), update) == len(update.layers)
+    deeper = LoraFactors(torch.ones(4, 64), torch.ones(64, 4), 1.0)  # a layer this member lacks: skipped
+    family_wide = AdapterUpdate({**update.layers, "model.layers.9.self_attn.q_proj": deeper}, 1)
+    assert fold_base(folded, _member(folded), family_wide) == len(update.layers)
     ids = torch.randint(0, 1000, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(folded(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)

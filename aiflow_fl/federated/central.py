@@ -3,7 +3,7 @@
 The server's model after a round is ``W0 + merged`` where ``merged`` is the strategy's cumulative
 update (base + adapter, as factors keyed by family-wide keys). Each distinct member in
 ``federation.members`` gets the keys it has folded into its frozen weights (a shallow member simply
-ignores deeper layers' keys) and is evaluated on the held-out chunks of every domain
+skips deeper layers' keys) and is evaluated on the held-out chunks of every domain
 (:func:`aiflow_fl.data.central_heldout`). Reported: per-member loss/accuracy and their mean.
 """
 
@@ -39,9 +39,8 @@ class CentralEvaluator:
         out: dict[str, float] = {}
         for name in self.members:
             member = load_member(self.cfg, name)
-            if merged is not None and merged.layers:
-                own = {member.key_of(n) for n, m in member.model.named_modules() if isinstance(m, torch.nn.Linear)}
-                fold_base(member.model, member, AdapterUpdate({k: f for k, f in merged.layers.items() if k in own}, 0))
+            if merged is not None:
+                fold_base(member.model, member, merged)  # keys of deeper layers than the member's are skipped
             metrics = evaluate(member.model, self.heldout(member.tokenizer), self.cfg.train.eval_batch_size)
             out[f"eval-loss/{name}"] = metrics["eval-loss"]
             out[f"eval-accuracy/{name}"] = metrics["eval-accuracy"]

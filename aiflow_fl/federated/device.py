@@ -30,6 +30,9 @@ from aiflow_fl.federated.lora import attach_lora, extract_update, fold_base, loa
 from aiflow_fl.federated.member import Member, load_member
 
 
+FAULTS = ("", "raise", "hang", "nan", "shape", "missing")
+
+
 @dataclass
 class DeviceProfile:
     """Who a device is: from its node config, else derived from its partition id and the config."""
@@ -42,7 +45,7 @@ class DeviceProfile:
     edge_id: int
     memory_budget_mb: float = 0.0
     fault: str = ""  # fault injection for fault-tolerance tests: raise | hang | nan | shape | missing
-    fault_round: int = 0  # 0: every round
+    fault_rounds: tuple[int, ...] = ()  # rounds the fault happens in; empty: every round
     fault_seconds: float = 3600.0  # how long fault=hang sleeps
 
 
@@ -58,7 +61,7 @@ def device_profile(node_config: dict[str, Any], cfg: AiflowConfig) -> DeviceProf
         alpha = float(node_config.get("lora-alpha", cfg.lora.alpha))
         edge = int(node_config.get("edge-id", pid * max(1, fed.num_edges) // max(1, n)))
         budget = float(node_config.get("memory-budget-mb", fed.memory_budget_mb))
-        fault_round = int(node_config.get("fault-round", 0))
+        fault_rounds = tuple(int(r) for r in str(node_config.get("fault-rounds", "")).replace(",", " ").split())
         fault_seconds = float(node_config.get("fault-seconds", 3600.0))
     except (TypeError, ValueError) as exc:
         raise AiflowError(f"Bad node config {dict(node_config)}: {exc}. partition-id, num-partitions, lora-rank, edge-id are integers.") from None
@@ -67,7 +70,10 @@ def device_profile(node_config: dict[str, Any], cfg: AiflowConfig) -> DeviceProf
         raise AiflowError(f"Node config partition-id={pid} must be in [0, {n - 1}] (num-partitions={n}).")
     if rank < 1:
         raise AiflowError(f"Node config lora-rank={rank} must be >= 1.")
-    return DeviceProfile(pid, n, member, rank, alpha, edge, budget, str(node_config.get("fault", "")), fault_round, fault_seconds)
+    fault = str(node_config.get("fault", ""))
+    if fault not in FAULTS:
+        raise AiflowError(f"Node config fault='{fault}' is not one of: {', '.join(f for f in FAULTS if f)} (or empty).")
+    return DeviceProfile(pid, n, member, rank, alpha, edge, budget, fault, fault_rounds, fault_seconds)
 
 
 @dataclass
@@ -146,7 +152,7 @@ def device_train(
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = hooks.make_optimizer(params, lr)
-    restored = restore_optimizer_state(optimizer, names, state.optimizer) if state.optimizer else 0
+    restored = restore_optimizer_state(optimizer, names, state.optimizer) if state.optimizer and cfg.train.keep_optimizer_state else 0
     index_batches, state.cursor = round_batches(len(chunks), cfg.train.batch_size, local_steps, state.cursor,
                                                 cfg.run.seed + profile.partition_id)
     batches = list(batch_tensors(chunks, index_batches))

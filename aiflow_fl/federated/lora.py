@@ -68,18 +68,20 @@ def load_update(peft_model: PeftModel, member: Member, update: AdapterUpdate, al
 
 
 def fold_base(model: nn.Module, member: Member, base: AdapterUpdate) -> int:
-    """W0 += scaling · B @ A for every module of ``base`` (by family key); returns modules folded.
+    """W0 += scaling · B @ A for every module of ``base`` this member has (by family key); returns how
+    many were folded.
 
-    A plain linear gets the dense update added to its weight; a module whose weight is not a
-    writable parameter (a decomposed family linear) gets it as a frozen forward hook ``y += x ΔWᵀ``.
+    Keys of modules the member lacks are skipped: the server's base is family-wide (a node it has not
+    heard from yet gets every key), and a shallow member applies the part it has. A plain linear gets
+    the dense update added to its weight; a module whose weight is not a writable parameter (a
+    decomposed family linear) gets it as a frozen forward hook ``y += x ΔWᵀ``.
     """
-    if not base.layers:
-        return 0
     paths = {member.key_of(name): name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-    unknown = sorted(set(base.layers) - set(paths))
-    if unknown:
-        raise ValueError(f"server base update names modules this member lacks: {unknown[:3]}")
+    folded = 0
     for key, factors in base.layers.items():
+        if key not in paths:
+            continue
+        folded += 1
         module = model.get_submodule(paths[key])
         delta = factors.delta()
         if tuple(delta.shape) != (module.out_features, module.in_features):
@@ -91,4 +93,4 @@ def fold_base(model: nn.Module, member: Member, base: AdapterUpdate) -> int:
         else:
             frozen = delta.detach().clone()
             module.register_forward_hook(lambda mod, inp, out, d=frozen: out + inp[0] @ d.to(out.dtype).T)
-    return len(base.layers)
+    return folded

@@ -1,0 +1,68 @@
+"""Federated fine-tuning under Flower's real simulation engine (Ray): faults, min_clients, run folder.
+
+A tiny random Llama (saved with the real SmolLM2 tokenizer) keeps each round a few seconds; most of
+a test's time is Ray start-up.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from aiflow_fl.errors import AiflowError
+from aiflow_fl.federated.run import RunFolder
+from aiflow_fl.models import load_tokenizer, tiny_model
+from simulations.run import config_for, simulate
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", num_layers=4).save_pretrained(path)
+    load_tokenizer().save_pretrained(path)
+    return path
+
+
+def tiny_overrides(tiny_dir, run_dir, *extra: str) -> list[str]:
+    return [
+        f"model.name={tiny_dir}", "family.dir=/nonexistent", "data.source=stdlib", "data.seq_len=32",
+        "data.max_examples_per_client=32", "data.max_heldout_examples=8", "train.local_steps=2", "train.batch_size=2",
+        "federation.members=[exit-2,exit-4]", "federation.ranks=[2,4]", f"run.dir={run_dir}", *extra,
+    ]
+
+
+def test_faulty_clients_are_left_out_and_the_run_fails_clearly_below_min_clients(tiny_dir, tmp_path):
+    """Heterogeneous members (exit-2 / exit-4) and ranks (2 / 4). Round 1: a client raises and one
+    sends NaN; round 2: wrong shapes and a missing tensor; round 3: three of four fail, fewer than
+    federation.min_clients=2 -> a clear error, with the finished rounds' metrics and checkpoints kept."""
+    run_dir = tmp_path / "run"
+    cfg = config_for(tiny_overrides(tiny_dir, run_dir, "federation.num_devices=4", "federation.rounds=3",
+                                    "federation.min_clients=2"))
+    faults = {
+        0: {"fault": "raise", "fault-rounds": "1,3"},
+        1: {"fault": "nan", "fault-rounds": "1,3"},
+        2: {"fault": "shape", "fault-rounds": "2,3"},
+        3: {"fault": "missing", "fault-rounds": "2"},
+    }
+    with pytest.raises(Exception) as info:
+        simulate(cfg, show_progress=False, node_overrides=faults)
+    assert "min_clients" in str(info.value) and "Round 3" in str(info.value)
+    assert isinstance(info.value, AiflowError)
+    folder = RunFolder(run_dir)
+    train = {r["round"]: r for r in folder.records("train")}
+    assert sorted(train) == [1, 2]
+    assert [(train[r]["clients-ok"], train[r]["clients-failed"]) for r in (1, 2)] == [(2, 2), (2, 2)]
+    assert [r for r, _ in folder.checkpoints()] == [1, 2]
+    assert folder.records("failed") and (run_dir / "summary.png").is_file()
+    assert max(t["client-peak-rss-mb"] for t in train.values()) > 0
+    # Central evaluation of both members after every finished round.
+    evals = folder.records("eval")
+    assert [r["round"] for r in evals] == [0, 1, 2]
+    assert {"eval-loss/exit-2", "eval-loss/exit-4", "eval-accuracy/exit-4"} <= set(evals[-1])
+    # The merged update covers the deepest member's layers (exit-4: layers 0-3), q and v of each,
+    # and central evaluation really applies it (the deeper member's held-out loss moved).
+    merged = folder.latest_checkpoint()
+    modules = {k.rsplit("::", 1)[0] for k in merged.tensors}
+    assert modules == {f"model.layers.{i}.self_attn.{p}" for i in range(4) for p in ("q_proj", "v_proj")}
+    assert merged.server_round == 2 and any(abs(v).sum() > 0 for k, v in merged.tensors.items() if k.endswith("::B"))
+    assert evals[-1]["eval-loss/exit-4"] != evals[0]["eval-loss/exit-4"]
+    assert "exit-4" in (run_dir / "config.yaml").read_text()
