@@ -8,15 +8,21 @@ with real local training. It speaks both wire formats:
   ``lora`` (or fresh), train, reply ``lora`` + ``metrics`` + ``profile``;
 * Flower's stock FedAvg: ``arrays`` holds the peft LoRA state dict, replied the same way.
 
-Task: next-token prediction over a small vocabulary where each device's data follow its own
-"domain" (a random bigram table per domain) — non-IID by construction; accuracy is next-token
-accuracy on a held-out mixture of all domains.
+Task (non-IID by construction): a Markov chain over 64 tokens. The frozen model is pre-trained on
+chains where every token has 4 equally likely successors (``PRETRAIN``); the target task keeps only
+the first 2 of them. Device data of domain d follow the target rule only after tokens ≡ d (mod 4)
+and the pre-training rule elsewhere, so each domain teaches a quarter of the target and only the
+federation as a whole can learn it all. Held-out accuracy is next-token accuracy on target chains
+(pre-trained model ≈ 0.25, the best possible 0.5).
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -31,7 +37,7 @@ VOCAB = 64
 SEQ_LEN = 16
 LAYERS = 2
 HIDDEN = 32
-TARGETS = ["q_proj", "v_proj"]
+TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 
 
 @dataclass
@@ -47,44 +53,78 @@ class DeviceSpec:
 
 
 def default_devices(num_devices: int = 4, ranks: tuple[int, ...] = (2, 4, 8), num_edges: int = 2) -> list[DeviceSpec]:
-    """Heterogeneous ranks, two domains per device (non-IID), devices round-robin over edges."""
+    """Heterogeneous ranks, one domain per device (non-IID), devices round-robin over edges."""
     return [
         DeviceSpec(
             rank=ranks[i % len(ranks)],
             alpha=2.0 * ranks[i % len(ranks)],
             edge_id=f"edge-{i % num_edges}",
-            domains=(i % 4, (i + 1) % 4) if i % 2 == 0 else (i % 4,),
-            examples=24 + 8 * (i % 3),
+            domains=(i % 4,),
+            examples=32 + 16 * (i % 3),
         )
         for i in range(num_devices)
     ]
 
 
-def base_model() -> torch.nn.Module:
-    """The frozen pre-trained model every device starts from (same seed everywhere)."""
-    return tiny_model("llama", num_layers=LAYERS, hidden_size=HIDDEN, vocab_size=VOCAB, seed=0)
+_BASE_CACHE = Path(tempfile.gettempdir()) / "aiflow-bench-lora-client-base-v1.pt"
 
 
-def domain_tokens(domain: int, num_sequences: int, seed: int) -> torch.Tensor:
-    """Sequences from a domain's sparse bigram chain: each token has 2 likely successors."""
-    table_gen = torch.Generator().manual_seed(1000 + domain)
-    successors = torch.randint(0, VOCAB, (VOCAB, 2), generator=table_gen)
+def successor_table() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1000)
+    return torch.stack([torch.randperm(VOCAB, generator=gen)[:4] for _ in range(VOCAB)])
+
+
+def chains(num_sequences: int, seed: int, domain: int | None = None, pretrain: bool = False) -> torch.Tensor:
+    """Token chains: pre-training rule (4 successors), target rule (2), or a domain's mixture."""
+    table = successor_table()
     gen = torch.Generator().manual_seed(seed)
     seq = torch.empty(num_sequences, SEQ_LEN, dtype=torch.long)
     seq[:, 0] = torch.randint(0, VOCAB, (num_sequences,), generator=gen)
     for t in range(1, SEQ_LEN):
-        pick = torch.randint(0, 2, (num_sequences,), generator=gen)
-        seq[:, t] = successors[seq[:, t - 1], pick]
+        cur = seq[:, t - 1]
+        four = torch.randint(0, 4, (num_sequences,), generator=gen)
+        two = torch.randint(0, 2, (num_sequences,), generator=gen)
+        if pretrain:
+            pick = four
+        elif domain is None:
+            pick = two
+        else:
+            pick = torch.where(cur % 4 == domain, two, four)
+        seq[:, t] = table[cur, pick]
     return seq
+
+
+def base_model() -> torch.nn.Module:
+    """The frozen pre-trained model every device starts from: a tiny Llama fully trained for 200
+    steps on pre-training chains, cached in the temp folder (deterministic, written atomically)."""
+    model = tiny_model("llama", num_layers=LAYERS, hidden_size=HIDDEN, vocab_size=VOCAB, seed=0)
+    if _BASE_CACHE.is_file():
+        model.load_state_dict(torch.load(_BASE_CACHE, weights_only=True))
+        return model.eval()
+    torch.manual_seed(0)
+    data = chains(256, seed=1, pretrain=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(2)
+    model.train()
+    for _ in range(200):
+        batch = data[torch.randint(0, data.shape[0], (16,), generator=gen)]
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tmp = _BASE_CACHE.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, _BASE_CACHE)
+    return model.eval()
 
 
 def device_data(spec: DeviceSpec, seed: int) -> torch.Tensor:
     per = max(1, spec.examples // len(spec.domains))
-    return torch.cat([domain_tokens(d, per, seed * 100 + d) for d in spec.domains])
+    return torch.cat([chains(per, seed * 100 + d, domain=d) for d in spec.domains])
 
 
-def heldout_data(num_per_domain: int = 32) -> torch.Tensor:
-    return torch.cat([domain_tokens(d, num_per_domain, 999_000 + d) for d in range(4)])
+def heldout_data(num_sequences: int = 128) -> torch.Tensor:
+    return chains(num_sequences, seed=999_000)
 
 
 def fold_base(model: torch.nn.Module, base: dict) -> None:
@@ -126,7 +166,7 @@ def train_lora(model: torch.nn.Module, data: torch.Tensor, steps: int, lr: float
     model.train()
     loss = torch.tensor(0.0)
     for _ in range(steps):
-        idx = torch.randint(0, data.shape[0], (min(8, data.shape[0]),), generator=gen)
+        idx = torch.randint(0, data.shape[0], (min(16, data.shape[0]),), generator=gen)
         batch = data[idx]
         loss = model(input_ids=batch, labels=batch).loss
         opt.zero_grad()
@@ -142,23 +182,37 @@ def next_token_accuracy(model: torch.nn.Module, data: torch.Tensor) -> float:
     return float((logits.argmax(-1) == data[:, 1:]).float().mean())
 
 
-def make_client_app(devices: list[DeviceSpec], steps: int = 8, lr: float = 3e-3, fail_node: int | None = None) -> ClientApp:
-    """A ClientApp whose partition i is ``devices[i]``; ``fail_node`` sends NaN factors (fault tests)."""
+@torch.no_grad()
+def heldout_accuracy(merged: dict, data: torch.Tensor | None = None) -> float:
+    """Next-token accuracy of the pre-trained model with a merged update folded into its weights."""
+    model = base_model()
+    fold_base(model, merged)
+    return next_token_accuracy(model, heldout_data() if data is None else data)
+
+
+def make_client_app(
+    devices: list[DeviceSpec] | dict[str, list[DeviceSpec]], steps: int = 8, lr: float = 1e-2, fail_node: int | None = None
+) -> ClientApp:
+    """A ClientApp whose partition i is ``devices[i]`` (or ``devices[config["device-set"]][i]``);
+    ``fail_node`` sends NaN factors from round 2 on (fault tests)."""
+    device_sets = devices if isinstance(devices, dict) else {"default": devices}
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         pid = int(context.node_config["partition-id"])
-        spec = devices[pid % len(devices)]
         config = msg.content[CONFIG]
+        chosen = device_sets.get(str(config.get("device-set", "")), next(iter(device_sets.values())))
+        spec = chosen[pid % len(chosen)]
         rnd = int(config.get("server-round", 1))
+        local_steps = int(config.get("local-steps", steps))
         start = time.perf_counter()
         data = device_data(spec, seed=pid * 7919 + rnd)
         if "arrays" in msg.content:  # Flower's stock FedAvg: the LoRA state dict travels as is
             model = lora_model(spec, {}, {}, False, seed=pid)
             if len(msg.content["arrays"]) > 0:
                 set_peft_model_state_dict(model, msg.content["arrays"].to_torch_state_dict())
-            loss = train_lora(model, data, steps, lr, seed=pid + 31 * rnd)
+            loss = train_lora(model, data, local_steps, lr, seed=pid + 31 * rnd)
             state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
             content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({NUM_EXAMPLES: data.shape[0], "train-loss": loss})})
             return Message(content=content, reply_to=msg)
@@ -171,7 +225,7 @@ def make_client_app(devices: list[DeviceSpec], steps: int = 8, lr: float = 3e-3,
         model = lora_model(spec, base, lora, bool(config.get("freeze-lora-a", False)), seed=pid + 17 * rnd)
         # What this device starts from, as a probe the tests compare with the server's model.
         probe = start_probe(base, lora, spec.alpha / spec.rank)
-        loss = train_lora(model, data, steps, lr, seed=pid + 31 * rnd)
+        loss = train_lora(model, data, local_steps, lr, seed=pid + 31 * rnd)
         update = from_peft_state_dict(get_peft_model_state_dict(model), spec.alpha, num_examples=data.shape[0])
         record = update_to_arrays(update)
         if fail_node is not None and pid == fail_node and rnd > 1:

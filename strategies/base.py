@@ -227,7 +227,8 @@ class LoraStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         edge_round, _ = self._edge_round(server_round)
-        self._round = {"bytes": {link: 0 for link in comm.LINKS}, "down": {}, "up": {}, "t0": time.perf_counter()}
+        t0 = time.perf_counter()
+        self._round = {"bytes": {link: 0 for link in comm.LINKS}, "down": {}, "up": {}, "t0": t0}
         self._sent_extra = {}
         if self.hierarchy is not None and edge_round == 1:
             for edge in self.edges.values():
@@ -235,6 +236,7 @@ class LoraStrategy(Strategy):
         messages = self._messages(server_round, config, grid, self.fraction_train, MessageType.TRAIN)
         if self.hierarchy is not None and edge_round == 1:
             self._count_cloud_to_edges([m.metadata.dst_node_id for m in messages])
+        self._round["server_s"] = time.perf_counter() - t0
         return messages
 
     def _down_link(self) -> str:
@@ -322,6 +324,7 @@ class LoraStrategy(Strategy):
         return update
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        t0 = time.perf_counter()
         replies = list(replies)
         good: dict[int, AdapterUpdate] = {}
         for reply in replies:
@@ -363,9 +366,11 @@ class LoraStrategy(Strategy):
                     self._round["bytes"][comm.EDGE_TO_CLOUD] += size
                     self._round["edge_to_cloud"][edge_id] = size
                 self._apply_cloud(self.method(list(ups.values())))
-        metrics = self._round_metrics(server_round, good, failed, [r for r in replies if not r.has_error()])
         merged = self.merged() if (self.hierarchy is None or cloud_round_ends) else None
-        return (update_to_arrays(AdapterUpdate(merged, 0)) if merged is not None else None), metrics
+        arrays = update_to_arrays(AdapterUpdate(merged, 0)) if merged is not None else None
+        self._round["server_s"] = self._round.get("server_s", 0.0) + time.perf_counter() - t0
+        metrics = self._round_metrics(server_round, good, failed, [r for r in replies if not r.has_error()])
+        return arrays, metrics
 
     def _apply_cloud(self, agg: Aggregate) -> None:
         if agg.base:
@@ -404,11 +409,12 @@ class LoraStrategy(Strategy):
             "clients-failed": failed,
             "cloud-bytes": cloud_bytes,
             "sim-round-s": sim,
-            "aggregate-s": time.perf_counter() - self._round["t0"],
+            "round-s": time.perf_counter() - self._round["t0"],
+            "server-s": self._round.get("server_s", 0.0),  # the strategy's own compute (messages, merges, counting)
             **{f"bytes/{link}": b[link] for link in comm.LINKS},
         }
         self.history.append(figures)
-        record = MetricRecord({k: (float(v) if isinstance(v, float) else int(v)) for k, v in figures.items() if k != "aggregate-s"})
+        record = MetricRecord({k: (float(v) if isinstance(v, float) else int(v)) for k, v in figures.items()})
         if ok_replies:
             usable = [r.content for r in ok_replies if r.metadata.src_node_id in good]
             try:
