@@ -129,7 +129,7 @@ class LoraStrategy(Strategy):
         self.profiles: dict[int, NodeProfile] = {}
         self.shapes: dict[str, tuple[int, int]] = {}  # key -> (out, in), learned from good replies
         self.history: list[dict[str, Any]] = []  # per Flower round: comm figures and fault counts
-        self.node_metrics: dict[int, dict[str, float]] = {}  # each node's last good reply's metrics
+        self.reply_metrics: dict[int, dict[int, dict[str, float]]] = {}  # Flower round -> node -> its good reply's metrics
         self._sent_extra: dict[int, Layers] = {}  # what each node got folded into its base this round
         self._round: dict[str, Any] = {}
 
@@ -334,7 +334,7 @@ class LoraStrategy(Strategy):
             update = self.parse_reply(reply)
             if update is not None:
                 good[node_id] = update
-                self.node_metrics[node_id] = {**update.metrics, "server-round": float(server_round)}
+                self.reply_metrics.setdefault(server_round, {})[node_id] = dict(update.metrics)
         failed = len(replies) - len(good)
         if len(good) < self.min_clients:
             raise AiflowError(

@@ -125,9 +125,11 @@ def test_per_node_messages_carry_only_the_nodes_keys(task_identity) -> None:
     assert all(torch.allclose(start[k], server[k], atol=1e-4) for k in KEYS)
 
 
-def test_real_flower_simulation_hierarchical_two_rounds() -> None:
-    """Flower's simulation engine, 4 devices on 2 edges, heterogeneous ranks, a shallow member, one
-    device that sends NaN in round 2; exact method so every device starts round 2 from the server's model."""
+def test_real_flower_simulation_hierarchical_edge_rounds() -> None:
+    """Flower's simulation engine: 4 devices on 2 edges, heterogeneous ranks, a shallow member, one
+    device that sends NaN from round 2 on; 2 cloud rounds of κ2 = 2 edge rounds (4 Flower rounds).
+    With an exact method every device starts each round from exactly the model of the tier that
+    aggregated last: its edge's after an edge round, the cloud's after a cloud round."""
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
@@ -140,17 +142,26 @@ def test_real_flower_simulation_hierarchical_two_rounds() -> None:
         lc.DeviceSpec(rank=4, alpha=16.0, edge_id="edge-1", domains=(3,)),
     ]
     client = lc.make_client_app(devices, steps=3, fail_node=3)
-    seen: dict = {}
+    seen: dict = {"models": {}}
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        cfg = load_config(["strategy=flexlora", "hierarchy.enabled=true", "hierarchy.edge_rank=0", "federation.min_clients=3"])
+        cfg = load_config(
+            ["strategy=flexlora", "hierarchy.enabled=true", "hierarchy.edge_rank=0", "hierarchy.edge_rounds=2", "federation.min_clients=3"]
+        )
         strategy = build_strategy(cfg)
         seen["strategy"] = strategy
 
         def evaluate_fn(rnd: int, arrays: ArrayRecord):
-            seen[rnd] = arrays_to_update(arrays).layers if len(arrays) else {}
+            """After each Flower round: the model each edge's devices start the next round from."""
+            if rnd == 0:
+                return None
+            if rnd % 2 == 0:  # a cloud round ended: everyone starts from the server's merged model
+                server_model = arrays_to_update(arrays).layers
+                seen["models"][rnd] = {e: server_model for e in strategy.edges}
+            else:
+                seen["models"][rnd] = {e: lowrank.add([edge.base(), edge.last.adapter]) for e, edge in strategy.edges.items()}
             return None
 
         seen["result"] = strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=2, evaluate_fn=evaluate_fn)
@@ -158,18 +169,25 @@ def test_real_flower_simulation_hierarchical_two_rounds() -> None:
     run_simulation(server_app=server, client_app=client, num_supernodes=4, backend_config={"client_resources": {"num_cpus": 1}})
     strategy, result = seen["strategy"], seen["result"]
     metrics = result.train_metrics_clientapp
-    assert metrics[1]["clients-ok"] == 4 and metrics[2]["clients-ok"] == 3 and metrics[2]["clients-failed"] == 1
-    for link in ("bytes/device->edge", "bytes/edge->device", "bytes/edge->cloud", "bytes/cloud->edge"):
-        assert metrics[2][link] > 0, link
-    assert metrics[2]["bytes/device->cloud"] == 0
-    # every device that trained in round 2 started from the server's model after round 1
-    rounds = []
-    for node_id, m in strategy.node_metrics.items():
-        profile = strategy.profiles[node_id]
-        server_model = {k: f for k, f in seen[int(m["server-round"]) - 1].items() if k in profile.keys}
-        assert m["start-probe"] == pytest.approx(lc.probe(server_model), rel=1e-4, abs=1e-6), profile.member
-        rounds.append(int(m["server-round"]))
-    assert sorted(rounds) == [1, 2, 2, 2]  # the NaN device's last good reply is from round 1
+    assert sorted(metrics) == [1, 2, 3, 4]
+    assert [metrics[r]["clients-ok"] for r in metrics] == [4, 3, 3, 3]
+    assert [metrics[r]["clients-failed"] for r in metrics] == [0, 1, 1, 1]
+    for rnd in metrics:  # devices talk to their edge every round, edges to the cloud once per cloud round
+        assert metrics[rnd]["bytes/device->edge"] > 0 and metrics[rnd]["bytes/device->cloud"] == 0
+        assert (metrics[rnd]["bytes/edge->cloud"] > 0) == (rnd % 2 == 0), rnd
+        assert (metrics[rnd]["bytes/cloud->edge"] > 0) == (rnd % 2 == 1), rnd
+    checked = 0
+    for rnd in (2, 3, 4):
+        for node_id, m in strategy.reply_metrics[rnd].items():
+            profile = strategy.profiles[node_id]
+            model = seen["models"][rnd - 1][profile.edge_id]
+            expected = lc.probe({k: f for k, f in model.items() if k in profile.keys})
+            assert m["start-probe"] == pytest.approx(expected, rel=1e-4, abs=1e-6), (rnd, profile.member)
+            checked += 1
+    assert checked == 9
+    # the two edges diverge within a cloud round and meet again after it
+    after_edge_round = [lc.probe(model) for model in seen["models"][3].values()]
+    assert abs(after_edge_round[0] - after_edge_round[1]) > 1e-6
     shallow = [p for p in strategy.profiles.values() if p.rank == 4 and p.edge_id == "edge-0"]
     assert len(shallow) == 1 and all(k.startswith("model.layers.0.") for k in shallow[0].keys), "layer 0 only"
     assert len(shallow[0].keys) == len(lc.TARGETS)
