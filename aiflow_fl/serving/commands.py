@@ -1,0 +1,224 @@
+"""``aiflow generate`` and ``aiflow serve``: chains from the config, family folders or early exits."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from aiflow_fl.config import AiflowConfig, LinkConfig
+from aiflow_fl.errors import AiflowError
+from aiflow_fl.serving.build import eos_ids, local_chain, resume_layer
+from aiflow_fl.serving.chain import Chain
+from aiflow_fl.serving.link import Link
+from aiflow_fl.serving.members import LocalTier, Member, draft_vocabulary, early_exit_members, family_members
+
+TIER_NAMES = ("device", "edge", "cloud")
+
+
+def check_tiers(tiers: list[str]) -> list[str]:
+    """Tiers in chain order: device first, then edge and/or cloud (either may be skipped)."""
+    if not tiers or tiers[0] != "device" or len(set(tiers)) != len(tiers) or any(t not in TIER_NAMES for t in tiers) \
+            or [t for t in TIER_NAMES if t in tiers] != tiers:
+        raise AiflowError(
+            f"Tiers {','.join(tiers) or '(none)'} are not a chain: give 'device' first, then 'edge' and/or "
+            "'cloud' in that order (device | device,edge | device,cloud | device,edge,cloud)."
+        )
+    return tiers
+
+
+def make_link(name: str, cfg: LinkConfig, seed: int = 0) -> Link:
+    return Link(name, cfg.latency_ms, cfg.bandwidth_mbps, cfg.jitter_ms, seed)
+
+
+def chain_links(tiers: list[str], cfg: AiflowConfig) -> list[Link]:
+    """device->edge uses serving.edge_link; edge->cloud uses cloud_link; device->cloud adds both."""
+    s, links = cfg.serving, []
+    for low, high in zip(tiers, tiers[1:]):
+        if low == "device" and high == "edge":
+            links.append(make_link("device-edge", s.edge_link, s.seed))
+        elif low == "edge":
+            links.append(make_link("edge-cloud", s.cloud_link, s.seed + 1))
+        else:  # device straight to the cloud: both hops
+            both = LinkConfig(s.edge_link.latency_ms + s.cloud_link.latency_ms,
+                              min([b for b in (s.edge_link.bandwidth_mbps, s.cloud_link.bandwidth_mbps) if b > 0], default=0.0),
+                              s.edge_link.jitter_ms + s.cloud_link.jitter_ms)
+            links.append(make_link("device-cloud", both, s.seed))
+    return links
+
+
+def resolve_members(cfg: AiflowConfig, tiers: list[str], family: str | None) -> tuple[list[Member], object]:
+    """Members for ``tiers``: from a family folder, or early exits (``serving.exits``) of ``model.name``."""
+    s = cfg.serving
+    if family:
+        from aiflow_fl.family.family import describe_folder
+
+        specs = describe_folder(family)["members"]
+        names = list(s.members) or _default_family_members([m for m in specs], len(tiers))
+        if len(names) != len(tiers):
+            raise AiflowError(f"serving.members lists {len(names)} members for {len(tiers)} tiers ({','.join(tiers)}).")
+        return family_members(family, names)
+    from aiflow_fl.models import load_backbone
+
+    loaded = load_backbone(cfg.model.name)
+    exits = list(s.exits) or _default_exits(loaded.model.config.num_hidden_layers, len(tiers))
+    if len(exits) != len(tiers) - 1:
+        raise AiflowError(
+            f"--exits {','.join(map(str, exits))} gives {len(exits) + 1} tiers (each exit + the full model) but "
+            f"--tiers names {len(tiers)}; give {len(tiers) - 1} exit(s)."
+        )
+    return early_exit_members(loaded.model, exits), loaded.tokenizer
+
+
+def _default_family_members(specs: list[dict], count: int) -> list[str]:
+    """Smallest member drafts, largest verifies last, the median one in between."""
+    ordered = [m["name"] for m in sorted(specs, key=lambda m: m.get("num_parameters", 0)) if m["kind"] != "hpcd"]
+    if len(ordered) < count:
+        raise AiflowError(f"The family has {len(ordered)} early-exit/full members; {count} tiers need {count}.")
+    return [ordered[0]] + ([ordered[len(ordered) // 2]] if count == 3 else []) + ([ordered[-1]] if count > 1 else [])
+
+
+def _default_exits(layers: int, count: int) -> list[int]:
+    return [layers // 2] if count == 2 else [layers // 3, 2 * layers // 3] if count == 3 else []
+
+
+def build_chain(cfg: AiflowConfig, tiers: list[str], family: str | None = None, remote: dict[str, str] | None = None,
+                cores: list[int] | None = None) -> tuple[Chain, object]:
+    """The chain the config describes; tiers named in ``remote`` are served by ``aiflow serve``."""
+    s = cfg.serving
+    tiers = check_tiers(tiers)
+    remote = remote or {}
+    if "device" in remote:
+        raise AiflowError("The device tier runs here; only edge and cloud can be remote.")
+    members, tokenizer = resolve_members(cfg, tiers, family)
+    eos = eos_ids(members[-1].model, tokenizer)
+    links = chain_links(tiers, cfg)
+    blocks = [1] + ([s.cloud_block] if len(tiers) == 3 else [])
+    options = dict(draft_len=s.draft_len, adaptive=s.adaptive, min_draft=s.min_draft_len, max_draft=max(s.max_draft_len, s.draft_len),
+                   blocks=blocks, temperature=s.temperature, pipelined=s.pipelined, seed=s.seed, cores=cores)
+    if not remote:
+        return local_chain(members, reuse=s.reuse, draft_vocab=s.draft_vocab, links=links, eos_token_ids=eos, **options), tokenizer
+    from aiflow_fl.serving.server import RemoteTier
+
+    vocab = draft_vocabulary(members[0].model.config.vocab_size, s.draft_vocab, eos)
+    built: list = [LocalTier(members[0], 0, vocab)]
+    for i, name in enumerate(tiers[1:], start=1):
+        low = members[i - 1]
+        if name in remote:
+            tier = RemoteTier(remote[name], timeout_s=s.timeout_s, name=name)
+            as_member = Member(tier.name, None, tier.exit_layer, shared_layers=tier.shared_layers)  # type: ignore[arg-type]
+            tier.entry = resume_layer(low, as_member) if s.reuse else 0
+            built.append(tier)
+        else:
+            built.append(LocalTier(members[i], resume_layer(low, members[i]) if s.reuse else 0))
+    return Chain(built, links=links, eos_token_ids=eos, **options), tokenizer
+
+
+def generate(cfg: AiflowConfig, prompt: str, tiers: list[str], family: str | None, remote: dict[str, str]) -> dict:
+    """Stream the answer to stdout, then print the acceptance statistics table. Returns the stats."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from aiflow_fl.generation import chat_input_ids
+
+    chain, tokenizer = build_chain(cfg, tiers, family, remote)
+    ids = chat_input_ids(tokenizer, prompt)
+    shown: list[int] = []
+    printed = ""
+
+    def stream(tokens: list[int]) -> None:
+        nonlocal printed
+        shown.extend(tokens)
+        text = tokenizer.decode(shown, skip_special_tokens=True)
+        sys.stdout.write(text[len(printed):])
+        sys.stdout.flush()
+        printed = text
+
+    with torch.inference_mode():
+        result = chain.generate(ids, cfg.serving.max_new_tokens, on_tokens=stream)
+    sys.stdout.write("\n")
+    console = Console(stderr=True)
+    table = Table(title=f"{','.join(tiers)}: {result.stats['new_tokens']} tokens in {result.seconds:.2f} s "
+                        f"= {result.stats['tokens_per_s']} tokens/s")
+    for column in ("tier", "entry layer", "accepted/drafted", "mean accepted len", "calls", "bytes up/down", "link delay s"):
+        table.add_column(column)
+    for row in result.stats["tiers"]:
+        if "accepted" in row:
+            table.add_row(row["tier"], str(row["entry_layer"]), f"{row['accepted']}/{row['drafted']} ({row['acceptance_rate']:.0%})",
+                          str(row["mean_accepted_len"]), str(row["calls"]), f"{row['bytes_up']}/{row['bytes_down']}", str(row["delay_s"]))
+        else:
+            table.add_row(row["tier"] + " (drafts)", str(row["entry_layer"]), "-", "-", "-", "-", "-")
+    console.print(table)
+    for line in result.stats["warnings"]:
+        console.print(f"[yellow]warning:[/] {line}")
+    return result.stats
+
+
+def serve_member(cfg: AiflowConfig, tier: str, family: str | None, member: str | None, exit_layer: int | None,
+                 port: int, core: int | None, threads: int | None) -> None:
+    """Serve one tier's member until interrupted (see :mod:`aiflow_fl.serving.server`)."""
+    from aiflow_fl.serving.server import serve
+
+    if tier not in ("edge", "cloud"):
+        raise AiflowError(f"--tier is '{tier}'; a server is an 'edge' or a 'cloud' tier (the device runs `aiflow generate`).")
+    if family:
+        if not member:
+            raise AiflowError("--family needs --member NAME (one of the family's members).")
+        chosen = family_members(family, [member])[0][0]
+    else:
+        from aiflow_fl.models import load_backbone
+
+        backbone = load_backbone(cfg.model.name).model
+        layers = backbone.config.num_hidden_layers
+        k = layers if exit_layer is None else exit_layer
+        chosen = early_exit_members(backbone, [k])[0] if k < layers else Member("full", backbone, layers)
+    serve(chosen, port=port, core=core, threads=threads)
+
+
+def start_server(args: list[str], timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
+    """Start ``aiflow serve ARGS`` as a child process and wait for its READY line; returns (process, url)."""
+    command = [sys.executable, "-m", "aiflow_fl.cli", "serve", *args]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    deadline = time.monotonic() + timeout_s
+    import selectors
+
+    selector = selectors.DefaultSelector()
+    selector.register(proc.stdout, selectors.EVENT_READ)  # type: ignore[arg-type]
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AiflowError(f"`aiflow serve {' '.join(args)}` exited with code {proc.returncode}: {proc.stderr.read()[-800:]}")  # type: ignore[union-attr]
+        if selector.select(timeout=0.5):
+            line = proc.stdout.readline()  # type: ignore[union-attr]
+            if line.startswith("READY"):
+                return proc, f"http://127.0.0.1:{int(line.split()[1])}"
+    proc.kill()
+    proc.wait(timeout=10)
+    raise AiflowError(f"`aiflow serve {' '.join(args)}` was not ready within {timeout_s:.0f} s.")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop a server started by :func:`start_server` (terminate, then kill)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def parse_remote(items: list[str]) -> dict[str, str]:
+    """``["edge=http://127.0.0.1:8001", ...]`` -> {"edge": url}."""
+    out = {}
+    for item in items:
+        name, sep, url = item.partition("=")
+        if not sep or name not in ("edge", "cloud"):
+            raise AiflowError(f"--remote '{item}' must be edge=URL or cloud=URL (e.g. edge=http://127.0.0.1:8001).")
+        out[name] = url
+    return out

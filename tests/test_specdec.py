@@ -1,0 +1,240 @@
+"""Hierarchical speculative decoding: acceptance rules and in-process chains against transformers' own generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from aiflow_fl.errors import AiflowError
+from aiflow_fl.models import tiny_model
+from aiflow_fl.serving.acceptance import (
+    expected_tokens_per_round,
+    greedy_accept,
+    next_draft_len,
+    residual_distribution,
+    speculative_accept,
+)
+from aiflow_fl.serving.build import local_chain
+from aiflow_fl.serving.link import Link
+from aiflow_fl.serving.members import Member, early_exit_members, early_exit_model
+
+
+def scrambled(arch: str, layers: int = 6, vocab: int = 512, std: float = 0.08, seed: int = 1, embed_std: float = 0.02):
+    """A tiny model whose early exits disagree with the full model often (random weights of a larger
+    scale), so chains see both acceptances and rejections; ``embed_std`` sharpens its distributions."""
+    model = tiny_model(arch, num_layers=layers, vocab_size=vocab, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.model.layers.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        model.model.embed_tokens.weight.mul_(embed_std / 0.02)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from more threads, and on a shared, loaded machine one is fastest."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> float:
+    """Chi-square goodness of fit; categories with small expected counts are pooled into one."""
+    n = counts.sum().item()
+    expected = probs.double() * n
+    big = expected >= min_expected
+    obs = torch.cat([counts[big].double(), counts[~big].double().sum().view(1)])
+    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
+    keep = exp > 0
+    return float(chisquare(obs[keep].numpy(), exp[keep].numpy() * obs[keep].sum().item() / exp[keep].sum().item()).pvalue)
+
+
+# ---------------------------------------------------------------------------------------------- rules
+
+
+def test_greedy_accept_is_longest_matching_prefix():
+    assert greedy_accept(torch.tensor([5, 6, 7]), torch.tensor([5, 6, 9, 1])) == (2, 9)
+    assert greedy_accept(torch.tensor([5, 6, 7]), torch.tensor([5, 6, 7, 1])) == (3, 1)  # bonus
+    assert greedy_accept(torch.tensor([5, 6, 7]), torch.tensor([5, 6, 7])) == (3, None)
+    assert greedy_accept(torch.tensor([5]), torch.tensor([4])) == (0, 4)
+    with pytest.raises(AiflowError, match="need n or n\\+1"):
+        greedy_accept(torch.tensor([1, 2]), torch.tensor([1]))
+
+
+def test_residual_is_normalized_positive_part():
+    p, q = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.2, 0.6, 0.2])
+    torch.testing.assert_close(residual_distribution(p, q), torch.tensor([1.0, 0.0, 0.0]))
+    torch.testing.assert_close(residual_distribution(p, p), p)
+
+
+@pytest.mark.parametrize("support", ["full", "reduced"])
+def test_speculative_sampling_outputs_the_verifier_distribution(support):
+    """One draft token x ~ q, then the rule: the output token is distributed as p (chi-square),
+    although q is far from p — and even when q is zero outside a reduced draft vocabulary."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.05, 0.4, 0.1, 0.3, 0.15])
+    q = torch.tensor([0.4, 0.1, 0.3, 0.1, 0.1]) if support == "full" else torch.tensor([0.5, 0.0, 0.5, 0.0, 0.0])
+    n = 12000
+    counts = torch.zeros(5)
+    rejected = 0
+    for _ in range(n):
+        x = torch.multinomial(q, 1, generator=gen)
+        accepted, token = speculative_accept(x, q[None], p[None], gen)
+        out = int(x) if accepted == 1 else token
+        rejected += accepted == 0
+        counts[out] += 1
+    assert chi2_pvalue(counts, p) > 1e-3
+    assert chi2_pvalue(counts, q) < 1e-6  # the test has power: the draft's distribution is rejected
+    # acceptance probability of the rule is sum_x min(p, q)
+    assert abs(1 - rejected / n - torch.minimum(p, q).sum().item()) < 0.02
+
+
+def test_bonus_and_block_rejection_positions():
+    gen = torch.Generator().manual_seed(0)
+    one_hot = torch.eye(4)
+    # the verifier puts all mass on the draft tokens: everything accepted, bonus from row n
+    accepted, token = speculative_accept(torch.tensor([1, 2]), one_hot[[1, 2]] * 0.5 + 0.125, one_hot[[1, 2, 3]], gen)
+    assert (accepted, token) == (2, 3)
+    # second token impossible for the verifier: rejected there, replacement from the residual
+    accepted, token = speculative_accept(torch.tensor([1, 2]), torch.full((2, 4), 0.25), one_hot[[1, 0]], gen)
+    assert (accepted, token) == (1, 0)
+
+
+def test_draft_length_schedule_and_expected_tokens():
+    assert next_draft_len(4, 4, 4, 1, 8) == 6 and next_draft_len(4, 1, 4, 1, 8) == 3
+    assert next_draft_len(8, 8, 8, 1, 8) == 8 and next_draft_len(1, 0, 1, 1, 8) == 1
+    assert expected_tokens_per_round(0.0, 4) == 1.0 and expected_tokens_per_round(1.0, 4) == 5.0
+    assert abs(expected_tokens_per_round(0.5, 2) - 1.75) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------- chains
+
+
+def reference(model, ids: torch.Tensor, n: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_greedy_chains_equal_transformers_generate_of_last_verifier(arch):
+    """Every chain (2 and 3 tiers; familial reuse on/off; sequential/pipelined; several draft
+    lengths and prompts) outputs token for token what generate() of its last verifier does."""
+    model = scrambled(arch)
+    members = early_exit_members(model, [2, 4])
+    chains = {"device-cloud": [members[0], members[2]], "device-edge": [members[0], members[1]], "3-tier": members}
+    rejections = 0
+    for seed, prompt_len in [(0, 5), (1, 11)]:
+        ids = torch.randint(3, 500, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
+        expected = {"device-cloud": reference(model, ids, 20), "3-tier": None}
+        expected["3-tier"] = expected["device-cloud"]
+        expected["device-edge"] = reference(members[1].model, ids, 20)
+        for name, tiers in chains.items():
+            for reuse, pipelined, draft_len in [(True, False, 1 + 2 * seed), (False, False, 2), (True, True, 4 - seed)]:
+                chain = local_chain(tiers, reuse=reuse, draft_len=draft_len, pipelined=pipelined, eos_token_ids=[], blocks=[1, 4][: len(tiers) - 1])
+                result = chain.generate(ids, 20)
+                assert result.tokens == expected[name], (name, reuse, pipelined, draft_len)
+                stats = result.stats["tiers"][1]
+                rejections += stats["drafted"] - stats["accepted"]
+                assert stats["entry_layer"] == (tiers[0].exit_layer if reuse else 0)
+    assert rejections > 30  # the drafts really were wrong often: the correction path is exercised
+
+
+def test_adaptive_draft_and_reduced_vocab_stay_lossless_and_stream():
+    model = tiny_model("llama", num_layers=6)  # default scale: drafts mostly right, so the draft grows
+    members = early_exit_members(model, [3])
+    ids = torch.randint(3, 1000, (1, 8), generator=torch.Generator().manual_seed(3))
+    expected = reference(model, ids, 30)
+    streamed: list[int] = []
+    chain = local_chain(members, draft_vocab=300, draft_len=2, adaptive=True, max_draft=10, eos_token_ids=[])
+    result = chain.generate(ids, 30, on_tokens=streamed.extend)
+    assert result.tokens == expected and streamed[:30] == expected
+    assert chain.draft_len != 2  # adapted
+    assert chain.slots[0].tier.vocab is not None and len(chain.slots[0].tier.vocab) == 300
+
+
+def test_eos_stops_like_generate():
+    model = scrambled("llama", vocab=64, std=0.05, seed=4)
+    members = early_exit_members(model, [2])
+    ids = torch.randint(3, 60, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        free = model.generate(ids, max_new_tokens=40, do_sample=False)[0, 6:].tolist()
+    eos = free[7]  # pretend a token the model emits is the end of sequence
+    model.generation_config.eos_token_id = eos
+    with torch.inference_mode():
+        expected = model.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=eos, pad_token_id=0)[0, 6:].tolist()
+    result = local_chain(members, draft_len=3, eos_token_ids=[eos]).generate(ids, 40)
+    assert result.tokens == expected[: expected.index(eos) + 1]
+
+
+def test_familial_reuse_skips_the_shared_layers():
+    """With reuse the verifier runs only layers [exit, L): its cache holds nothing below the exit;
+    without reuse it recomputes them from token ids."""
+    model = scrambled("qwen2")
+    members = early_exit_members(model, [4])
+    ids = torch.randint(3, 500, (1, 9), generator=torch.Generator().manual_seed(0))
+    for reuse in (True, False):
+        chain = local_chain(members, reuse=reuse, draft_len=3, eos_token_ids=[])
+        chain.generate(ids, 12)
+        verifier_cache = chain.slots[1].tier.cache
+        filled = [i for i, layer in enumerate(verifier_cache.layers) if layer.is_initialized]
+        assert filled == (list(range(4, 6)) if reuse else list(range(0, 6)))
+
+
+def test_links_count_hidden_states_vs_token_ids():
+    model = scrambled("llama")
+    members = early_exit_members(model, [2])
+    ids = torch.randint(3, 500, (1, 7), generator=torch.Generator().manual_seed(0))
+    up = {}
+    for reuse in (True, False):
+        link = Link("device-edge", latency_ms=1.0)
+        chain = local_chain(members, reuse=reuse, draft_len=3, links=[link], eos_token_ids=[])
+        result = chain.generate(ids, 10)
+        assert link.messages == 2 * result.stats["tiers"][1]["calls"]
+        assert link.delay_s >= 0.001 * link.messages
+        up[reuse] = link.bytes_up
+    # hidden states: H floats per position; token ids: one int32 per position
+    assert up[True] > up[False] * model.config.hidden_size / 2
+
+
+def test_sampling_chain_matches_the_verifier_distribution():
+    """Tokens 1 and 2 of a sampled 2-tier and 3-tier chain follow the last verifier's distribution
+    (chi-square vs the exact marginals computed from the verifier), not the draft's."""
+    torch.manual_seed(0)
+    model = scrambled("llama", layers=4, vocab=48, std=0.1, seed=7, embed_std=0.2)
+    members = early_exit_members(model, [1, 2])
+    ids = torch.tensor([[5, 17, 3, 40]])
+    temperature = 1.0
+    with torch.inference_mode():
+        p1 = torch.softmax(model(ids).logits[0, -1] / temperature, -1)
+        both = torch.cat([ids.repeat(48, 1), torch.arange(48).view(48, 1)], 1)
+        p2 = (p1.view(48, 1) * torch.softmax(model(both).logits[:, -1] / temperature, -1)).sum(0)
+        q1 = torch.softmax(members[0].model(ids).logits[0, -1] / temperature, -1)
+    runs = 500
+    for tiers in ([members[0], members[2]], members):
+        chain = local_chain(tiers, draft_len=3, temperature=temperature, eos_token_ids=[], seed=11, blocks=[1, 2][: len(tiers) - 1])
+        first, second = torch.zeros(48), torch.zeros(48)
+        for _ in range(runs):
+            tokens = chain.generate(ids, 2).tokens
+            first[tokens[0]] += 1
+            second[tokens[1]] += 1
+        assert chi2_pvalue(first, p1) > 1e-3 and chi2_pvalue(second, p2) > 1e-3
+        assert chi2_pvalue(first, q1) < 1e-6  # power: the draft's own distribution is rejected
+        assert 0 < chain.slots[1].accepted < chain.slots[1].drafted  # both branches of the rule ran
+
+
+def test_early_exit_model_shares_weights_and_bad_exits_raise():
+    model = tiny_model("llama", num_layers=4)
+    small = early_exit_model(model, 2)
+    assert small.config.num_hidden_layers == 2 and small.model.layers[1] is model.model.layers[1]
+    assert small.lm_head is model.lm_head
+    with pytest.raises(AiflowError, match="outside 1..4"):
+        early_exit_model(model, 5)
+    with pytest.raises(AiflowError, match="strictly increasing"):
+        early_exit_members(model, [3, 2])
+    with pytest.raises(AiflowError, match="1 to 3"):
+        local_chain([Member("full", model, 4)] * 4)
