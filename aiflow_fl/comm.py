@@ -55,3 +55,22 @@ def check_link(name: str, bandwidth_mbps: float, latency_ms: float) -> Link:
     if latency_ms < 0:
         raise AiflowError(f"hierarchy.{name}_latency_ms is {latency_ms}; latency must be ≥ 0 ms.")
     return Link(bandwidth_mbps, latency_ms)
+
+
+def draw_communication(ax, train_records: list[dict]) -> None:
+    """Draw bytes per link per round (stacked bars, KiB) and the simulated round time (line, right
+    axis) from a run's ``train`` records (``metrics.jsonl``: ``bytes/<link>``, ``sim-round-s``)."""
+    rounds = [r["round"] for r in train_records]
+    bottom = [0.0] * len(rounds)
+    for link in LINKS:
+        values = [float(r.get(f"bytes/{link}", 0)) / 1024 for r in train_records]
+        if any(values):
+            ax.bar(rounds, values, bottom=bottom, label=link)
+            bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_xlabel("round")
+    ax.set_ylabel("KiB per round")
+    ax.legend(fontsize=7, loc="upper left")
+    if any("sim-round-s" in r for r in train_records):
+        twin = ax.twinx()
+        twin.plot(rounds, [float(r.get("sim-round-s", 0.0)) for r in train_records], "k.-", label="simulated round s")
+        twin.set_ylabel("simulated round time (s)")

@@ -132,6 +132,7 @@ class LoraStrategy(Strategy):
         self.reply_metrics: dict[int, dict[int, dict[str, float]]] = {}  # Flower round -> node -> its good reply's metrics
         self._sent_extra: dict[int, Layers] = {}  # what each node got folded into its base this round
         self._round: dict[str, Any] = {}
+        self._cache: dict[tuple, tuple[Layers, Layers, Layers]] = {}  # per (tier, rank, scaling), see node_records
 
     # ----------------------------------------------------------------- Flower entry point
     def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int = 3, **kwargs: Any) -> Result:
@@ -174,25 +175,36 @@ class LoraStrategy(Strategy):
 
     # ----------------------------------------------------------------- downlink
     def node_records(self, node_id: int) -> tuple[ArrayRecord, ArrayRecord, Layers]:
-        """(base, lora, extra) for one node: extra is what was folded beyond its tier's reference."""
+        """(base, lora, extra) for one node: extra is what was folded beyond its tier's reference.
+
+        The per-key work (truncation to the node's rank, the remainder, the cumulative base) depends
+        only on the tier, the rank and the scaling, so it is done once per such group and cached
+        until the next aggregation; nodes then take their keys from it.
+        """
         profile = self.profiles.get(node_id, NodeProfile())
         keys = profile.keys
+        tier = "cloud"
         parts = [self.base]
         agg = self.cloud
         if self.hierarchy is not None:
             edge = self._edge(self._edge_of(node_id))
             if edge.active:
+                tier = edge.edge_id
                 parts.append(edge.base())
                 agg = edge.last
-        extra: Layers = {}
-        lora: Layers = {}
-        if agg is not None:
-            extra, lora = agg.for_rank(profile.rank, profile.scaling, keys)
-        parts.append(extra)
-        base = lowrank.add([{k: f for k, f in p.items() if keys is None or k in keys} for p in parts])
+        group = (tier, profile.rank, profile.scaling)
+        if group not in self._cache:
+            extra_all: Layers = {}
+            lora_all: Layers = {}
+            if agg is not None:
+                extra_all, lora_all = agg.for_rank(profile.rank, profile.scaling)
+            self._cache[group] = (lowrank.add([*parts, extra_all]), lora_all, extra_all)
+        base_all, lora_all, extra_all = self._cache[group]
+        pick = lambda layers: {k: f for k, f in layers.items() if keys is None or k in keys}  # noqa: E731
+        extra = pick(extra_all)
         return (
-            update_to_arrays(AdapterUpdate(base, 0)),
-            update_to_arrays(AdapterUpdate(lora, 0)),
+            update_to_arrays(AdapterUpdate(pick(base_all), 0)),
+            update_to_arrays(AdapterUpdate(pick(lora_all), 0)),
             extra,
         )
 
@@ -233,6 +245,7 @@ class LoraStrategy(Strategy):
         if self.hierarchy is not None and edge_round == 1:
             for edge in self.edges.values():
                 edge.reset()
+        self._cache = {}
         messages = self._messages(server_round, config, grid, self.fraction_train, MessageType.TRAIN)
         if self.hierarchy is not None and edge_round == 1:
             self._count_cloud_to_edges([m.metadata.dst_node_id for m in messages])
@@ -325,6 +338,7 @@ class LoraStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         t0 = time.perf_counter()
+        self._cache = {}  # the state changes below
         replies = list(replies)
         good: dict[int, AdapterUpdate] = {}
         for reply in replies:
