@@ -333,7 +333,7 @@ class LoraStrategy(Strategy):
         extra = self._sent_extra.get(node_id, {})
         for key in list(update.layers):
             if key in extra:
-                update.layers[key] = lowrank.add([{key: extra[key]}, {key: update.layers[key]}])[key]
+                update.layers[key] = lowrank.concat([update.layers[key], extra[key]])
         return update
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -191,3 +191,34 @@ def test_real_flower_simulation_hierarchical_edge_rounds() -> None:
     shallow = [p for p in strategy.profiles.values() if p.rank == 4 and p.edge_id == "edge-0"]
     assert len(shallow) == 1 and all(k.startswith("model.layers.0.") for k in shallow[0].keys), "layer 0 only"
     assert len(shallow[0].keys) == len(lc.TARGETS)
+
+
+def test_ffa_shares_a_after_the_first_round_and_stays_exact(task_identity) -> None:
+    """Round 1: clients drew their own A (exact residual folded); from round 2 they get the shared A
+    (a rank-r client its first r rows, the rest folded into its base) and keep it frozen, so the
+    merge is a plain average of B with nothing folded, and still exact."""
+    from aiflow_fl import comm
+
+    strategy = build_strategy(load_config(["strategy=ffa"]))
+    assert strategy.freeze_lora_a
+    ranks = {1: 2, 2: 4}
+    strategy._round = {"bytes": {link: 0 for link in comm.LINKS}, "down": {}, "up": {}, "t0": 0.0}
+    strategy.aggregate_train(1, [reply(n, factors(n, rank=r), n=10 * n, rank=r) for n, r in ranks.items()])
+    assert strategy.cloud.metrics["ffa-keys-with-unshared-a"] == len(KEYS)
+    base_after_1 = lowrank.dense(strategy.base)
+    replies, expected = [], {k: torch.zeros(6, 5, dtype=torch.float64) for k in KEYS}
+    gen = torch.Generator().manual_seed(11)
+    for n, r in ranks.items():
+        base, lora, extra = strategy.node_records(n)
+        strategy._sent_extra[n] = extra  # what configure_train records for the node
+        received = arrays_to_update(lora).layers
+        trained = {k: LoraFactors(f.A.clone(), torch.randn(6, r, generator=gen), f.scaling) for k, f in received.items()}
+        replies.append(reply(n, trained, n=10 * n, rank=r))
+        start = lowrank.dense(arrays_to_update(base).layers)
+        for k in KEYS:  # the device's model minus the shared base: its base extra plus its trained LoRA
+            expected[k] += (10 * n / 30) * (start[k] - base_after_1[k] + trained[k].delta().double())
+    strategy.aggregate_train(2, replies)
+    assert strategy.cloud.metrics["ffa-keys-with-unshared-a"] == 0 and not strategy.cloud.base
+    merged = lowrank.dense(strategy.merged())
+    for k in KEYS:
+        assert torch.allclose(merged[k], base_after_1[k] + expected[k], atol=1e-4)

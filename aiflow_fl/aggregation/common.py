@@ -86,8 +86,15 @@ class Aggregate:
                 extra[key] = self.adapter[key]
                 continue
             lora[key] = self.lora_for_rank(key, rank, scaling)
-            if self.fold_remainder:
-                remainder = lowrank.difference(self.adapter[key], lora[key])
+            if not self.fold_remainder:
+                continue
+            full = self.adapter[key]
+            if self.truncation == "prefix":
+                # the components after the first r, exactly (keeps FFA's shared A rows intact)
+                if full.rank > rank:
+                    extra[key] = LoraFactors(full.A[rank:].clone(), full.B[:, rank:].clone(), full.scaling)
+            else:
+                remainder = lowrank.difference(full, lora[key])
                 if float(remainder.B.abs().max()) > 0.0:
                     extra[key] = remainder
         return extra, lora

@@ -83,6 +83,14 @@ def with_scaling(f: LoraFactors, scaling: float) -> LoraFactors:
     return LoraFactors(f.A.clone(), (f.B.double() * (f.scaling / scaling)).float(), scaling)
 
 
+def concat(parts: list[LoraFactors]) -> LoraFactors:
+    """Components side by side (ranks add, scaling folded into B): the product is the sum, exactly,
+    and the first part's components stay first (so a client's own components keep their index)."""
+    B = torch.cat([f.scaling * f.B.float() for f in parts], dim=1)
+    A = torch.cat([f.A.float() for f in parts], dim=0)
+    return LoraFactors(A, B, 1.0)
+
+
 def difference(full: LoraFactors, part: LoraFactors) -> LoraFactors:
     """Exact factors of ``full.delta() − part.delta()`` (what a client's rank cannot hold)."""
     b, a = scaled(part)
