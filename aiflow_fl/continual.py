@@ -281,6 +281,40 @@ def add_continual_hooks(hooks: Any, cfg: Any, state: Any, profile: Any) -> Any:
     return hooks
 
 
+class StageEvaluator:
+    """Accuracy of the federation's model on every stage's held-out data (the central held-out chunks of
+    the stage's source; never trained on), for the first member in ``federation.members``."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.member = (list(cfg.federation.members) or ["full"])[0]
+        self._heldout: dict[str, Any] = {}
+
+    def heldout(self, stage: int, tokenizer: Any) -> Any:
+        from aiflow_fl.data import central_heldout, load_chunks
+
+        source = stage_source(stage, list(self.cfg.continual.domains))
+        if source not in self._heldout:
+            d = self.cfg.data
+            chunks = load_chunks(source, tokenizer, d.seq_len)
+            self._heldout[source] = central_heldout(chunks, d.heldout_fraction, d.max_heldout_examples, self.cfg.run.seed)
+        return self._heldout[source]
+
+    @torch.no_grad()
+    def __call__(self, merged: Any, upto_stage: int) -> dict[int, float]:
+        """{stage: next-token accuracy} for stages 0..upto_stage, with ``merged`` folded into the member."""
+        from aiflow_fl.federated.local import evaluate
+        from aiflow_fl.federated.lora import fold_base
+        from aiflow_fl.federated.member import load_member
+
+        member = load_member(self.cfg, self.member)
+        if merged is not None:
+            fold_base(member.model, member, merged)
+        return {stage: evaluate(member.model, self.heldout(stage, member.tokenizer),
+                                self.cfg.train.eval_batch_size)["eval-accuracy"]
+                for stage in range(upto_stage + 1)}
+
+
 # --------------------------------------------------------------------------- metrics
 
 
@@ -314,6 +348,61 @@ def continual_metrics(history: Sequence[dict[int, float]]) -> dict[str, float]:
     if forgot:
         out["forgetting-mean"] = float(np.mean(list(forgot.values())))
     return out
+
+
+# --------------------------------------------------------------------------- run folder (ServerApp)
+
+
+def check_run_config(cfg: Any) -> None:
+    """Every privacy and continual check that needs no device data: the ServerApp calls this before
+    the first round, so bad values stop the run before any training."""
+    from aiflow_fl import privacy
+
+    privacy.check_config(cfg)
+    if cfg.continual.enabled:
+        check_config(cfg)
+
+
+class RoundReporter:
+    """Per cloud round, the run-folder lines privacy and continual learning add (``kind`` "privacy":
+    one per device with its composed ε; ``kind`` "continual": accuracy per stage and forgetting)."""
+
+    def __init__(self, cfg: Any, previous: Sequence[dict[str, Any]] = ()) -> None:
+        self.cfg = cfg
+        self.stage_eval = StageEvaluator(cfg) if cfg.continual.enabled else None
+        # A resumed run continues the accuracy history from its metrics.jsonl.
+        self.history: list[dict[int, float]] = [
+            {int(k.rsplit("-", 1)[1]): float(v) for k, v in r.items() if k.startswith("stage-acc-")} for r in previous
+        ]
+
+    def records(self, cloud_round: int, client_metrics: Sequence[dict[str, Any]], merged: Any) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for m in client_metrics:
+            if "dp-epsilon" in m:
+                out.append({"round": cloud_round, "kind": "privacy", "device": int(m.get("dp-device", -1)),
+                            **{k: float(m[k]) for k in ("dp-epsilon", "dp-delta", "dp-noise-multiplier", "dp-steps")}})
+        if self.stage_eval is not None:
+            stage = stage_of_round(cloud_round, self.cfg.federation.rounds, self.cfg.continual.stages)
+            self.history.append(self.stage_eval(merged, stage))
+            out.append({"round": cloud_round, "kind": "continual", **continual_metrics(self.history)})
+        return out
+
+
+def plot_run_folder(folder: Any) -> Any:
+    """``privacy-continual.png`` in a run folder from its "privacy" / "continual" lines (None if none)."""
+    eps: dict[str, list[tuple[int, float]]] = {}
+    for r in folder.records("privacy"):
+        eps.setdefault(f"device {r['device']}", []).append((int(r["round"]), float(r["dp-epsilon"])))
+    acc: dict[int, list[tuple[int, float]]] = {}
+    for r in folder.records("continual"):
+        for k, v in r.items():
+            if k.startswith("stage-acc-"):
+                acc.setdefault(int(k.rsplit("-", 1)[1]), []).append((int(r["round"]), float(v)))
+    if not eps and not acc:
+        return None
+    path = folder.path / "privacy-continual.png"
+    plot_run(path, eps, acc)
+    return path
 
 
 # --------------------------------------------------------------------------- plots

@@ -406,7 +406,7 @@ class _DPLossView(nn.Module):
         return out
 
 
-def add_dp_hooks(hooks: Any, cfg: Any, state: Any) -> Any:
+def add_dp_hooks(hooks: Any, cfg: Any, state: Any, device: int | None = None) -> Any:
     """Plug DP-SGD into the federated training loop (:class:`aiflow_fl.federated.local.TrainingHooks`).
 
     * ``round_data`` is wrapped to remember the chunks this round trains on (the set Poisson sampling
@@ -415,6 +415,7 @@ def add_dp_hooks(hooks: Any, cfg: Any, state: Any) -> Any:
       then kept in ``state.extra``), restores the device's accountant from ``state.extra``, makes the
       model/optimizer private with Opacus and replaces the loop's batches by as many Poisson batches;
     * ``after_round`` removes the hooks, stores the accountant and reports ``dp-epsilon`` etc.
+      (and ``dp-device`` = ``device``, the partition id, so the server can plot ε per device).
     """
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # expected with frozen inputs
     previous_round_data, previous_after = hooks.round_data, hooks.after_round
@@ -448,7 +449,8 @@ def add_dp_hooks(hooks: Any, cfg: Any, state: Any) -> Any:
         training: PrivateLoraTraining = seen["training"]
         training.close()
         state.extra["dp-accountant"] = training.accountant.to_config()
-        return {**extra, **dp_metrics(training.accountant, seen["plan"])}
+        device_id = {} if device is None else {"dp-device": float(device)}
+        return {**extra, **dp_metrics(training.accountant, seen["plan"]), **device_id}
 
     hooks.round_data, hooks.prepare, hooks.after_round = round_data, prepare, after_round
     return hooks

@@ -58,7 +58,7 @@ def training_hooks(cfg: AiflowConfig, state: DeviceState, profile: DeviceProfile
     if cfg.privacy.enabled:
         from aiflow_fl.privacy import add_dp_hooks
 
-        add_dp_hooks(hooks, cfg, state)
+        add_dp_hooks(hooks, cfg, state, profile.partition_id if profile is not None else None)
     return hooks
 
 

@@ -60,8 +60,10 @@ def _client_summary(metrics: list[dict[str, Any]]) -> dict[str, float]:
 
 def run_server(grid: Grid, cfg: AiflowConfig, progress: Any = None) -> ServerSummary:
     """Run (or resume) a federated fine-tuning run on ``grid`` (see the module docstring)."""
+    from aiflow_fl.continual import RoundReporter, check_run_config, plot_run_folder
     from strategies import build_strategy
 
+    check_run_config(cfg)  # privacy / continual values: refuse before any training
     edge_rounds = cfg.hierarchy.edge_rounds if cfg.hierarchy.enabled else 1
     if cfg.run.resume:
         folder = RunFolder.open_for_resume(cfg.run.resume, cfg)
@@ -83,6 +85,7 @@ def run_server(grid: Grid, cfg: AiflowConfig, progress: Any = None) -> ServerSum
     watched = WatchedGrid(grid, progress)
     watched.round_offset = done * edge_rounds
     evaluator = CentralEvaluator(cfg)
+    reporter = RoundReporter(cfg, folder.records("continual"))  # ε per device, accuracy per stage
     round_start = [time.perf_counter()]
 
     def evaluate_fn(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -110,6 +113,8 @@ def run_server(grid: Grid, cfg: AiflowConfig, progress: Any = None) -> ServerSum
                     "clients-failed": sum(h["clients-failed"] for h in history),
                     "failures": [f for r in train_rounds for f in watched.failures.get(r, [])]})
         folder.log({"round": cloud_round, "kind": "eval", **metrics})
+        for record in reporter.records(cloud_round, [m for r in train_rounds for m in watched.client_metrics.get(r, [])], merged):
+            folder.log(record)
         tensors = {k: arrays[k].numpy() for k in arrays.keys()}
         folder.save_checkpoint(cloud_round, tensors, {"round": cloud_round, "strategy": cfg.strategy})
         log(INFO, "round %d: held-out loss %.4f, accuracy %.4f (checkpoint saved)", cloud_round,
@@ -126,6 +131,7 @@ def run_server(grid: Grid, cfg: AiflowConfig, progress: Any = None) -> ServerSum
         raise
     finally:
         folder.plot()
+        plot_run_folder(folder)
     return ServerSummary(folder.path, cfg.federation.rounds, done)
 
 

@@ -101,3 +101,42 @@ def test_continual_with_dp_composes_over_stages(tiny_dir: str) -> None:
     reference = RDPAccountant()
     reference.history = [(1.0, metrics[0]["dp-sample-rate"], 2), (1.0, metrics[1]["dp-sample-rate"], 2)]
     assert metrics[1]["dp-epsilon"] == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-9)
+
+
+@pytest.mark.slow  # Ray start-up plus four client rounds: minutes on a shared 2-core machine
+def test_real_flower_simulation_logs_epsilon_per_device_and_stage_accuracy(tiny_dir: str, tmp_path) -> None:
+    """The ServerApp + ClientApp under Flower's simulation engine: every device's composed ε lands in
+    the run folder each round (equal to Opacus's accountant for its history), the continual stages are
+    evaluated, and the run's privacy/continual plot is written."""
+    from aiflow_fl.federated.run import RunFolder
+    from simulations.run import simulate
+
+    run_dir = tmp_path / "run"
+    cfg = config(tiny_dir, "family.dir=/nonexistent", "federation.rounds=2", "train.local_steps=2",
+                 "data.max_heldout_examples=8", "privacy.enabled=true", "privacy.noise_multiplier=1.2",
+                 "continual.enabled=true", "continual.stages=2", "continual.replay=reservoir",
+                 "continual.replay_fraction=0.25", "continual.buffer_size=8", f"run.dir={run_dir}")
+    simulate(cfg, show_progress=False)
+    folder = RunFolder(run_dir)
+    privacy = folder.records("privacy")
+    assert sorted((r["round"], r["device"]) for r in privacy) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    for r in privacy:
+        assert r["dp-steps"] == 2 * r["round"] and r["dp-noise-multiplier"] == 1.2
+    for device in (0, 1):  # composed, not per round: the second round's ε is the larger
+        first, second = (r["dp-epsilon"] for r in sorted(privacy, key=lambda r: r["round"]) if r["device"] == device)
+        assert 0 < first < second
+    continual = folder.records("continual")
+    assert [r["round"] for r in continual] == [1, 2]
+    assert set(continual[0]) >= {"stage", "stage-acc-0"} and set(continual[1]) >= {"stage-acc-1", "forgetting-0"}
+    assert (run_dir / "privacy-continual.png").is_file()
+
+
+def test_bad_values_stop_the_run_before_any_training(tiny_dir: str, tmp_path) -> None:
+    from aiflow_fl.continual import check_run_config
+
+    with pytest.raises(AiflowError, match="stages is 3 but the run has only 2 rounds"):
+        check_run_config(config(tiny_dir, "federation.rounds=2", "continual.enabled=true", "continual.stages=3"))
+    with pytest.raises(AiflowError, match="target_epsilon is -1"):
+        check_run_config(config(tiny_dir, "privacy.enabled=true", "privacy.target_epsilon=-1"))
+    with pytest.raises(AiflowError, match="max_grad_norm is 0"):
+        check_run_config(config(tiny_dir, "privacy.enabled=true", "privacy.max_grad_norm=0"))
