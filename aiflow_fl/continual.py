@@ -381,6 +381,12 @@ class RoundReporter:
             if "dp-epsilon" in m:
                 out.append({"round": cloud_round, "kind": "privacy", "device": int(m.get("dp-device", -1)),
                             **{k: float(m[k]) for k in ("dp-epsilon", "dp-delta", "dp-noise-multiplier", "dp-steps")}})
+        if self.cfg.privacy.server_side:
+            from aiflow_fl.privacy import server_side_epsilon
+
+            p = self.cfg.privacy
+            out.append({"round": cloud_round, "kind": "privacy-central", "dp-delta": p.delta,
+                        "dp-server-epsilon": server_side_epsilon(p.server_noise_multiplier, cloud_round, p.delta)})
         if self.stage_eval is not None:
             stage = stage_of_round(cloud_round, self.cfg.federation.rounds, self.cfg.continual.stages)
             self.history.append(self.stage_eval(merged, stage))

@@ -27,9 +27,11 @@ applied update with per-example gradients computed independently by plain autogr
 Hugging Face's built-in loss averages over all tokens of the batch, which couples examples through
 the token count; :func:`per_example_lm_loss` averages within each example and then over examples.
 
-**Central DP** (``privacy.server_side``): Flower's ``DifferentialPrivacyServerSideFixedClipping``
-(McMahan et al. 2018) clips each device's whole update to norm C_s and adds N(0, (σ_s C_s / m)²) to the
-mean of m updates; the protected unit is **one device**. See :func:`wrap_server_side`.
+**Central DP** (``privacy.server_side``): DP-FedAvg (McMahan et al. 2018), the mechanism of Flower's
+``DifferentialPrivacyServerSideFixedClipping``, applied inside the aggregation: each device's whole
+update (product space, all layers) is clipped to norm C_s and N(0, (σ_s C_s / m)²) is added to the mean
+of m updates; the protected unit is **one device**. Why not Flower's wrapper itself: see
+:func:`central_dp_method`'s section note.
 
 Pure computation; no Flower I/O beyond (de)serialising the accountant into a ConfigRecord.
 """
@@ -468,14 +470,25 @@ def dp_metrics(accountant: ClientAccountant, plan: DPPlan) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- central (server-side) DP
+#
+# Flower 1.41's ``DifferentialPrivacyServerSideFixedClipping`` (flwr.serverapp.strategy) wraps a
+# Strategy: it computes each reply's update as ``reply arrays − the arrays given to configure_train``
+# (zipped by position), clips it, lets the inner strategy aggregate and adds N(0, (σC/m)²) to the
+# *returned* arrays. With aiflow-fl's LoraStrategy that is wrong three times over: a reply carries the
+# device's LoRA factors at its own rank, not the global arrays plus a delta; the global arrays are
+# the merged update whose shapes differ from any reply's; and the next round's messages are built
+# from the strategy's internal aggregate, so noise added to the returned arrays would never reach
+# the devices (the devices would receive the un-noised aggregate). So central DP is applied where
+# the aggregate is formed — the strategy's pure aggregation ``method`` — with the same mechanism and
+# Flower's own primitives (``clip_inputs_inplace``, ``compute_stdv``): DP-FedAvg (McMahan et al.
+# 2018) on each device's update in product space.
 
-SERVER_DP_STRATEGIES = ("fedavg", "fedit", "ffa")
+SERVER_DP_STRATEGIES = ("fedavg", "flexlora")
 
 
 def check_server_side(cfg: Any) -> None:
-    """Central DP clips and averages the replies' arrays key by key, so every device must send the same
-    keys and shapes and the aggregate must be a mean of them: homogeneous members and ranks and a
-    parameter-averaging strategy. Anything else would give noise calibrated to the wrong sensitivity."""
+    """Central DP needs an aggregate that is the mean of the devices' product updates (fedavg /
+    flexlora), devices with the same member, and no edge tier (edges aggregate before the cloud)."""
     p = cfg.privacy
     if not p.server_noise_multiplier > 0:
         raise AiflowError(f"privacy.server_noise_multiplier is {p.server_noise_multiplier}; it must be > 0.")
@@ -483,16 +496,16 @@ def check_server_side(cfg: Any) -> None:
         raise AiflowError(f"privacy.server_clipping_norm is {p.server_clipping_norm}; it must be > 0.")
     if cfg.strategy not in SERVER_DP_STRATEGIES:
         raise AiflowError(
-            f"privacy.server_side=true needs a strategy that averages the devices' arrays "
+            f"privacy.server_side=true needs a strategy whose aggregate is the mean of the devices' products "
             f"({', '.join(SERVER_DP_STRATEGIES)}); strategy is '{cfg.strategy}'."
         )
-    members, ranks = set(cfg.federation.members), set(cfg.federation.ranks)
-    if len(members) > 1 or len(ranks) > 1:
+    if len(set(cfg.federation.members)) > 1:
         raise AiflowError(
-            "privacy.server_side=true needs every device to send arrays of the same keys and shapes, but "
-            f"federation.members={cfg.federation.members} and federation.ranks={cfg.federation.ranks} differ "
-            "across devices; use one member and one rank (or client-side DP, privacy.enabled=true)."
+            "privacy.server_side=true needs every device to train the same layers, but federation.members="
+            f"{cfg.federation.members}; use one member (or client-side DP, privacy.enabled=true)."
         )
+    if getattr(cfg.hierarchy, "enabled", False):
+        raise AiflowError("privacy.server_side=true is not supported with hierarchy.enabled=true (edges aggregate first).")
 
 
 def server_side_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
@@ -501,41 +514,54 @@ def server_side_epsilon(noise_multiplier: float, releases: int, delta: float) ->
     return independent_epsilon(noise_multiplier, 1.0, releases, delta, "rdp") if releases else 0.0
 
 
-def wrap_server_side(strategy: Any, cfg: Any, num_sampled_clients: int) -> Any:
-    """Flower's ``DifferentialPrivacyServerSideFixedClipping`` around ``strategy``, with two fixes:
-    replies are matched to the global arrays by key (Flower's wrapper zips them by position) and each
-    round's aggregated metrics carry ``dp-server-epsilon`` (Opacus RDP, q = 1)."""
-    from flwr.app import ArrayRecord
-    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+def central_dp_method(method: Callable[[list[Any]], Any], *, noise_multiplier: float, clipping_norm: float,
+                      seed: int = 0) -> Callable[[list[Any]], Any]:
+    """``method`` (an exact product-mean aggregation) made device-level DP.
 
+    Per round, with P the dense global adapter the devices started from (per key) and m devices:
+    D_k = s_k B_k A_k − P (device k's update, all keys together), clipped to ‖D_k‖ ≤ C; the new adapter
+    is P + (1/m) Σ_k D_k + N(0, (σC/m)²) per entry — the uniform mean, so one device moves it by at
+    most C/m — re-factorised to rank Σ_k r_k (post-processing, no privacy cost).
+    """
+    import numpy as np
+    from flwr.supercore.differential_privacy import clip_inputs_inplace, compute_stdv, get_norm
+
+    from aiflow_fl.aggregation import lowrank
+
+    rng = np.random.default_rng(seed)
+    previous: dict[str, np.ndarray] = {}
+
+    def aggregate(updates: list[Any]) -> Any:
+        template = method(updates)  # counts and flags of the method; its adapter is replaced below
+        keys = sorted({k for u in updates for k in u.layers})
+        deltas = []
+        for u in updates:
+            missing = [k for k in keys if k not in u.layers]
+            if missing:
+                raise AiflowError(f"Central DP: a device's update lacks {missing[:3]}; all devices must train the same layers.")
+            arrays = [u.layers[k].delta().double().numpy() - previous.get(k, 0.0) for k in keys]
+            if get_norm(arrays) > 0:  # Flower's clip divides by the norm; a zero update needs no clipping
+                clip_inputs_inplace(arrays, clipping_norm)
+            deltas.append(arrays)
+        m = len(updates)
+        std = compute_stdv(noise_multiplier, clipping_norm, m)
+        rank = sum(max(u.layers[k].rank for k in keys) for u in updates)
+        adapter = {}
+        for i, key in enumerate(keys):
+            mean = sum(d[i] for d in deltas) / m
+            dense = previous.get(key, 0.0) + mean + rng.normal(0.0, std, mean.shape)
+            adapter[key] = lowrank.refactor_dense(torch.from_numpy(dense), max_rank=rank)
+            previous[key] = adapter[key].delta().double().numpy()  # what the devices start from next
+        template.adapter = adapter
+        template.metrics["dp-server-noise-std"] = std
+        return template
+
+    return aggregate
+
+
+def apply_server_side(strategy: Any, cfg: Any) -> Any:
+    """Make a LoraStrategy's aggregation centrally DP (``privacy.server_side``); see the note above."""
     check_server_side(cfg)
-    delta = cfg.privacy.delta
-
-    class KeyedServerSideDP(DifferentialPrivacyServerSideFixedClipping):
-        releases = 0
-
-        def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]
-            replies = list(replies)
-            keys = list(self.current_arrays.keys())
-            for reply in replies:
-                if reply.has_error():
-                    continue
-                for name, record in list(reply.content.array_records.items()):
-                    if set(record.keys()) != set(keys):
-                        missing = sorted(set(keys) ^ set(record.keys()))[:3]
-                        raise AiflowError(
-                            f"Central DP: a reply's '{name}' arrays differ from the global ones ({missing}...); "
-                            "every device must send the same keys and shapes."
-                        )
-                    reply.content[name] = ArrayRecord({k: record[k] for k in keys})
-            arrays, metrics = super().aggregate_train(server_round, replies)
-            if arrays is not None:
-                self.releases += 1
-                if metrics is not None:
-                    metrics["dp-server-epsilon"] = server_side_epsilon(self.noise_multiplier, self.releases, delta)
-            return arrays, metrics
-
-    return KeyedServerSideDP(
-        strategy, noise_multiplier=cfg.privacy.server_noise_multiplier,
-        clipping_norm=cfg.privacy.server_clipping_norm, num_sampled_clients=num_sampled_clients,
-    )
+    strategy.method = central_dp_method(strategy.method, noise_multiplier=cfg.privacy.server_noise_multiplier,
+                                        clipping_norm=cfg.privacy.server_clipping_norm, seed=cfg.run.seed)
+    return strategy

@@ -82,6 +82,10 @@ def run_server(grid: Grid, cfg: AiflowConfig, progress: Any = None) -> ServerSum
         return ServerSummary(folder.path, done, done)
 
     strategy = build_strategy(cfg)
+    if cfg.privacy.server_side:
+        from aiflow_fl.privacy import apply_server_side
+
+        apply_server_side(strategy, cfg)  # central DP inside the aggregation (device-level ε)
     watched = WatchedGrid(grid, progress)
     watched.round_offset = done * edge_rounds
     evaluator = CentralEvaluator(cfg)

@@ -236,16 +236,68 @@ def test_dp_on_a_member_without_lora_parameters_is_refused() -> None:
 def test_server_side_checks_and_epsilon() -> None:
     from aiflow_fl.config import load_config
 
-    ok = load_config(["privacy.server_side=true", "strategy=fedit", "federation.members=[eesb-0]",
-                      "federation.ranks=[4]"])
-    check_server_side(ok)
-    with pytest.raises(AiflowError, match="flexlora"):
-        check_server_side(load_config(["strategy=flexlora", "federation.members=[eesb-0]", "federation.ranks=[4]"]))
-    with pytest.raises(AiflowError, match="ranks"):
-        check_server_side(load_config(["strategy=fedit", "federation.members=[eesb-0]", "federation.ranks=[4,8]"]))
+    base = ["federation.members=[eesb-0]", "federation.ranks=[4,8]"]
+    check_server_side(load_config(["privacy.server_side=true", "strategy=fedavg", *base]))
+    with pytest.raises(AiflowError, match="strategy is 'fedit'"):
+        check_server_side(load_config(["strategy=fedit", *base]))
+    with pytest.raises(AiflowError, match="federation.members"):
+        check_server_side(load_config(["strategy=fedavg", "federation.members=[eesb-0,eesb-1]"]))
     with pytest.raises(AiflowError, match="server_noise_multiplier is 0.0"):
-        check_server_side(load_config(["strategy=fedit", "federation.members=[eesb-0]", "federation.ranks=[4]",
-                                       "privacy.server_noise_multiplier=0"]))
+        check_server_side(load_config(["strategy=fedavg", *base, "privacy.server_noise_multiplier=0"]))
     reference = RDPAccountant()
     reference.history = [(1.5, 1.0, 4)]
     assert server_side_epsilon(1.5, 4, 1e-5) == pytest.approx(reference.get_epsilon(delta=1e-5))
+
+
+def _update(seed: int, rank: int = 4, scale: float = 1.0, shape: tuple[int, int] = (8, 8)):
+    from aiflow_fl.aggregation.update import AdapterUpdate, LoraFactors
+
+    g = torch.Generator().manual_seed(seed)
+    layers = {key: LoraFactors(torch.randn(rank, shape[1], generator=g), scale * torch.randn(shape[0], rank, generator=g), 0.5)
+              for key in ("m.q", "m.v")}
+    return AdapterUpdate(layers=layers, num_examples=10)
+
+
+def _dense(layers) -> dict[str, torch.Tensor]:
+    return {k: f.delta().double() for k, f in layers.items()}
+
+
+def test_central_dp_without_noise_is_the_mean_of_the_clipped_device_updates() -> None:
+    from aiflow_fl.aggregation import flexlora
+    from aiflow_fl.privacy import central_dp_method
+
+    updates = [_update(0), _update(1, scale=50.0)]  # the second one is far larger than C
+    exact = _dense(flexlora.aggregate([_update(0), _update(1, scale=50.0)]).adapter)
+    dense = [_dense(u.layers) for u in updates]
+    norms = [float(torch.sqrt(sum((d ** 2).sum() for d in dd.values()))) for dd in dense]
+    clip = (norms[0] + norms[1]) / 2  # binds for the large device only
+    dp = central_dp_method(flexlora.aggregate, noise_multiplier=0.0, clipping_norm=clip)
+    got = _dense(dp(updates).adapter)
+    factor = clip / norms[1]
+    for k in got:
+        torch.testing.assert_close(got[k], (dense[0][k] + factor * dense[1][k]) / 2, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(got[k], exact[k])
+    # Round 2: updates are measured from the adapter the devices started from.
+    start = got
+    step = _update(7, scale=0.01)
+    round2 = [type(step)(layers={k: type(f)(*_refactor_sum(start[k], f)) for k, f in step.layers.items()}, num_examples=10)]
+    got2 = _dense(dp(round2).adapter)
+    for k in got2:
+        torch.testing.assert_close(got2[k], start[k] + step.layers[k].delta().double(), rtol=1e-5, atol=1e-6)
+
+
+def _refactor_sum(dense: torch.Tensor, f) -> tuple[torch.Tensor, torch.Tensor, float]:
+    from aiflow_fl.aggregation import lowrank
+
+    total = lowrank.refactor_dense(dense + f.delta().double())
+    return total.A, total.B, total.scaling
+
+
+def test_central_dp_noise_has_std_sigma_c_over_m() -> None:
+    from aiflow_fl.aggregation import flexlora
+    from aiflow_fl.privacy import central_dp_method
+
+    zero = [_update(s, scale=0.0, shape=(16, 16), rank=8) for s in range(2)]  # rank 2·8 = 16: no truncation
+    dp = central_dp_method(flexlora.aggregate, noise_multiplier=1.5, clipping_norm=0.2, seed=3)
+    noise = torch.cat([d.flatten() for d in _dense(dp(zero).adapter).values()])
+    assert float(noise.std()) == pytest.approx(1.5 * 0.2 / 2, rel=0.1)
