@@ -1,7 +1,7 @@
 """Multi-process tiers: a verifier as its own HTTP server on loopback, and the client the chain uses.
 
 ``aiflow serve --tier edge ...`` runs :func:`serve`: one member behind a tiny HTTP/1.1 server
-(stdlib ``http.server``; one request at a time, the model is not shared between threads). Each
+(stdlib ``http.server``, a thread per connection; forwards run one at a time under a lock). Each
 generation is a *session* with its own KV cache. ``POST /process`` carries one forward:
 
     request  = 4-byte big-endian header length | JSON header | tensor bytes
@@ -23,7 +23,7 @@ import sys
 import threading
 import uuid
 from collections import OrderedDict
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import torch
@@ -123,7 +123,7 @@ def serve(member: Member, host: str = "127.0.0.1", port: int = 0, core: int | No
         os.sched_setaffinity(0, {core})
     if threads:
         torch.set_num_threads(threads)
-    server = HTTPServer((host, port), _handler(TierService(member)))
+    server = ThreadingHTTPServer((host, port), _handler(TierService(member)))  # a thread per connection (keep-alive)
     print(f"READY {server.server_address[1]} tier={member.name} exit={member.exit_layer} pid={os.getpid()}", flush=True)
     try:
         server.serve_forever()
