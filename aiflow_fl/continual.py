@@ -11,7 +11,7 @@ ends, a few of its examples are kept on the device in a buffer of ``buffer_size`
 stream), ``stage`` keeps an equal share per past stage. While training on a later stage, a fraction
 ``replay_fraction`` of every batch is drawn from the buffer, the rest from the current stage, so a run
 with replay costs the same compute per step as one without. The buffer lives in the client's
-``context.state`` (arrays + a config record) between rounds.
+``context.state`` between rounds (the ClientApp's ``DeviceState.extra``, see :func:`buffer_to_json`).
 
 **Metrics** (Chaudhry et al. 2018, "Riemannian Walk"): after round t, a_{t,j} is the accuracy on
 stage j's held-out data for every stage j seen so far; the forgetting of an earlier stage j is
@@ -31,7 +31,6 @@ import torch
 from aiflow_fl.errors import AiflowError
 
 REPLAY_MODES = ("none", "reservoir", "stage")
-STATE_KEY = "aiflow.replay"  # ConfigRecord (counters) + ArrayRecord (examples) in context.state
 
 
 # --------------------------------------------------------------------------- schedule
@@ -159,24 +158,6 @@ class ReplayBuffer:
             examples = torch.from_numpy(np.array(value.numpy() if hasattr(value, "numpy") else value))
         return cls(int(config["capacity"]), str(config["mode"]), examples, [int(s) for s in config["stages"]],
                    int(config["seen"]), int(config["seed"]))
-
-
-def save_buffer(state: Any, buffer: ReplayBuffer, stage_done: int) -> None:
-    """Store the buffer (and the last stage already added to it) in a client's ``context.state``."""
-    from flwr.app import Array, ArrayRecord, ConfigRecord
-
-    config, arrays = buffer.to_records()
-    state[STATE_KEY] = ConfigRecord(config | {"stage-done": stage_done})
-    state[STATE_KEY + "-arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
-
-
-def load_buffer(state: Any, capacity: int, mode: str, seed: int) -> tuple[ReplayBuffer, int]:
-    """(buffer, last stage already in it; -1 for none) from ``context.state``; an empty one the first time."""
-    if STATE_KEY in state:
-        config = state[STATE_KEY]
-        arrays = state[STATE_KEY + "-arrays"] if (STATE_KEY + "-arrays") in state else {}
-        return ReplayBuffer.from_records(config, arrays), int(config["stage-done"])
-    return ReplayBuffer(capacity, mode, seed=seed), -1
 
 
 def mixed_batches(current: torch.Tensor, buffer: ReplayBuffer, batch_size: int, steps: int,

@@ -8,8 +8,8 @@ the expected batch size qn. The protected unit is **one training example (one to
 device**: the device's ε bounds how much any single example can change what the device sends.
 
 **Accounting over the whole run.** A device composes every DP step it ever takes: its Opacus
-accountant's history (σ, q, steps) lives in Flower's ``context.state`` between rounds (see
-:func:`load_accountant` / :func:`save_accountant`), so the ε it reports after round R is that of all
+accountant's history (σ, q, steps) lives in Flower's ``context.state`` between rounds (the
+ClientApp's ``DeviceState.extra``, see :func:`add_dp_hooks`), so the ε it reports after round R is that of all
 R·steps steps, exactly what Opacus's accountant reports for that history. (Flower's own Opacus example
 builds a new PrivacyEngine each round and so reports the ε of one round only.) With a target ε the
 noise σ is derived once, by Opacus's ``get_noise_multiplier``, for the total number of steps the
@@ -50,7 +50,6 @@ from torch import nn
 from aiflow_fl.errors import AiflowError
 
 ACCOUNTANTS = ("rdp", "prv")
-STATE_KEY = "aiflow.dp-accountant"  # ConfigRecord in a client's context.state
 
 
 # --------------------------------------------------------------------------- checks and planning
@@ -187,22 +186,12 @@ def plan_dp(
     )
 
 
-def plan_from_config(privacy: Any, *, num_examples: int, batch_size: int, steps_per_round: int, rounds: int,
-                     model: nn.Module | None = None) -> DPPlan:
-    """:func:`plan_dp` from a ``PrivacyConfig`` (and, if given, the peft model whose LoRA params train)."""
-    return plan_dp(
-        num_examples=num_examples, batch_size=batch_size, steps_per_round=steps_per_round, rounds=rounds,
-        noise_multiplier=privacy.noise_multiplier, target_epsilon=privacy.target_epsilon, delta=privacy.delta,
-        max_grad_norm=privacy.max_grad_norm, accountant=privacy.accountant,
-        num_trainable=None if model is None else len(trainable_parameters(model)),
-    )
-
-
 # --------------------------------------------------------------------------- the accountant across rounds
 
 
 class ClientAccountant:
-    """One device's Opacus accountant; its history (σ, q, steps) survives rounds in ``context.state``."""
+    """One device's Opacus accountant; its history (σ, q, steps) survives rounds in ``context.state``
+    as the plain lists of :meth:`to_config` (JSON- and ConfigRecord-ready)."""
 
     def __init__(self, mechanism: str = "rdp", history: list[tuple[float, float, int]] | None = None) -> None:
         from opacus.accountants import create_accountant
@@ -238,25 +227,6 @@ class ClientAccountant:
         if not len(noise) == len(rates) == len(steps):
             raise ValueError("accountant record has lists of different lengths")
         return cls(str(record["mechanism"]), list(zip(noise, rates, steps)))
-
-
-def load_accountant(state: Any, mechanism: str = "rdp") -> ClientAccountant:
-    """The device's accountant from Flower's ``context.state`` (a RecordDict); a fresh one the first time."""
-    if STATE_KEY in state:
-        accountant = ClientAccountant.from_config(state[STATE_KEY])
-        if accountant.mechanism != mechanism:
-            raise AiflowError(
-                f"This device's privacy history was accounted with '{accountant.mechanism}' but "
-                f"privacy.accountant is now '{mechanism}'; accountants cannot be mixed within one run."
-            )
-        return accountant
-    return ClientAccountant(mechanism)
-
-
-def save_accountant(state: Any, accountant: ClientAccountant) -> None:
-    from flwr.app import ConfigRecord
-
-    state[STATE_KEY] = ConfigRecord(accountant.to_config())
 
 
 def independent_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
@@ -432,9 +402,12 @@ def add_dp_hooks(hooks: Any, cfg: Any, state: Any, device: int | None = None) ->
         chunks = seen["chunks"]
         steps = len(list(batches)) if not isinstance(batches, list) else len(batches)
         p = cfg.privacy
+        # A device trains in every Flower round: cloud rounds × edge rounds with a hierarchy.
+        h = cfg.hierarchy
+        flower_rounds = cfg.federation.rounds * (h.edge_rounds if getattr(h, "enabled", False) else 1)
         plan = plan_dp(
             num_examples=len(chunks), batch_size=cfg.train.batch_size, steps_per_round=steps,
-            rounds=cfg.federation.rounds, noise_multiplier=state.extra.get("dp-noise", p.noise_multiplier),
+            rounds=flower_rounds, noise_multiplier=state.extra.get("dp-noise", p.noise_multiplier),
             target_epsilon=p.target_epsilon, delta=p.delta, max_grad_norm=p.max_grad_norm,
             accountant=p.accountant, num_trainable=len(trainable_parameters(model)),
         )

@@ -5,16 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import RecordDict
+from flwr.app import ConfigRecord, RecordDict
 
 from aiflow_fl.continual import (
     ReplayBuffer,
     check_continual,
+    buffer_from_json,
+    buffer_to_json,
     continual_metrics,
     forgetting,
-    load_buffer,
     mixed_batches,
-    save_buffer,
     stage_of_round,
 )
 from aiflow_fl.errors import AiflowError
@@ -76,12 +76,12 @@ def test_stage_buffer_keeps_an_equal_share_per_stage() -> None:
 
 
 def test_buffer_survives_context_state() -> None:
-    state = RecordDict()
-    buffer, done = load_buffer(state, 5, "reservoir", seed=3)
-    assert done == -1 and len(buffer) == 0
+    import json
+
+    buffer = ReplayBuffer(5, "reservoir", seed=3)
     buffer.add_stage(0, torch.arange(40).view(10, 4))
-    save_buffer(state, buffer, stage_done=0)
-    again, done = load_buffer(state, 5, "reservoir", seed=3)
+    state = RecordDict({"extra": ConfigRecord({"json": json.dumps({"replay": buffer_to_json(buffer, 0)})})})
+    again, done = buffer_from_json(json.loads(str(state["extra"]["json"]))["replay"])
     assert done == 0 and again.seen == 10 and again.stages == buffer.stages
     assert torch.equal(again.examples, buffer.examples)
     # continuing the restored buffer gives what continuing the original gives

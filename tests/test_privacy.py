@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from flwr.app import RecordDict
+from flwr.app import ConfigRecord, RecordDict
 from opacus.accountants import RDPAccountant
 from peft import LoraConfig, get_peft_model
 
@@ -24,10 +24,8 @@ from aiflow_fl.privacy import (
     DPPlan,
     PrivateLoraTraining,
     check_server_side,
-    load_accountant,
     per_example_lm_loss,
     plan_dp,
-    save_accountant,
     server_side_epsilon,
     trainable_parameters,
 )
@@ -74,13 +72,13 @@ def test_epsilon_composed_over_rounds_equals_opacus_accountant() -> None:
     reported = []
     for _ in range(rounds):
         model = lora_model()  # a fresh process per round: nothing survives but context.state
-        accountant = load_accountant(state, "rdp")
+        accountant = ClientAccountant.from_config(state["dp"]) if "dp" in state else ClientAccountant("rdp")
         training = PrivateLoraTraining(model, torch.optim.SGD(trainable_parameters(model), lr=0.1), x, batch,
                                        plan, accountant)
         training.train(steps)
         training.close()
-        save_accountant(state, accountant)
-        reported.append(load_accountant(state, "rdp").epsilon(delta))
+        state["dp"] = ConfigRecord(accountant.to_config())
+        reported.append(ClientAccountant.from_config(state["dp"]).epsilon(delta))
 
     reference = RDPAccountant()
     reference.history = [(1.1, plan.sample_rate, steps * rounds)]
