@@ -108,6 +108,18 @@ def simulate(overrides: Overrides = None) -> None:
 
 
 @app.command()
+def deploy(
+    overrides: Overrides = None,
+    nodes: Annotated[int, typer.Option(help="SuperNodes to start (0: federation.num_devices).")] = 0,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the run to finish.")] = 3600.0,
+) -> None:
+    """The same apps under a real flower-superlink and N flower-supernode processes on loopback, driven by `flwr run`."""
+    from aiflow_fl.federated.deploy import deploy_command
+
+    deploy_command(list(overrides or []), nodes, timeout)
+
+
+@app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="The user message.")],
     tiers: Annotated[str, typer.Option(help="Chain of tiers: device[,edge][,cloud].")] = "device,edge",

@@ -90,7 +90,7 @@ class RunFolder:
     @classmethod
     def create(cls, cfg: AiflowConfig) -> "RunFolder":
         """A new run folder (``run.dir`` or ``runs/<UTC time>``) with the config snapshot."""
-        path = Path(cfg.run.dir) if cfg.run.dir else Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        path = resolve_run_dir(cfg)
         if path.exists() and any(path.iterdir()):
             raise AiflowError(
                 f"Run folder {path} already exists and is not empty. Resume it with run.resume={path}, or choose "
@@ -213,3 +213,58 @@ class RunFolder:
         plt.close(fig)
         os.replace(tmp, out)
         return out
+
+
+def config_for(overrides: list[str]) -> AiflowConfig:
+    """The config of a simulation; with ``run.resume=DIR`` the run's own snapshot is the base."""
+    resume = [o.split("=", 1)[1] for o in overrides if o.startswith("run.resume=")]
+    if resume and resume[-1]:
+        snapshot = Path(resume[-1]) / "config.yaml"
+        if not snapshot.is_file():
+            raise AiflowError(f"run.resume={resume[-1]} is not a run folder (no config.yaml in it).")
+        return load_config(overrides, config_file=snapshot)
+    return load_config(overrides)
+
+
+def resolve_run_dir(cfg: AiflowConfig) -> Path:
+    """Fix ``run.dir`` to an absolute path (``run.resume`` if resuming, else ``runs/<UTC time>``):
+    the ServerApp may run in another working directory (a SuperLink's)."""
+    if cfg.run.resume:
+        cfg.run.dir = cfg.run.resume
+    elif not cfg.run.dir:
+        cfg.run.dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+    cfg.run.dir = str(Path(cfg.run.dir).resolve())
+    return Path(cfg.run.dir)
+
+
+def summarize(run_dir: str | Path) -> dict[str, Any]:
+    """The figures of a finished run, read back from its metrics.jsonl."""
+    folder = RunFolder(run_dir)
+    evals, trains = folder.records("eval"), folder.records("train")
+    out: dict[str, Any] = {"run_dir": str(folder.path), "rounds": len(trains)}
+    if evals:
+        out["heldout_loss_before"], out["heldout_loss_after"] = evals[0]["eval-loss"], evals[-1]["eval-loss"]
+        out["heldout_acc_before"], out["heldout_acc_after"] = evals[0]["eval-accuracy"], evals[-1]["eval-accuracy"]
+    if trains:
+        out["loss_first"], out["loss_last"] = trains[0].get("train-loss-first"), trains[-1].get("train-loss-last")
+        out["clients"] = max(int(t.get("clients-ok", 0)) for t in trains)
+        out["client_peak_rss_mb"] = max(float(t.get("client-peak-rss-mb", 0.0)) for t in trains)
+        rounds_s = sorted(float(t.get("round-s", 0.0)) for t in trains)
+        out["round_s_median"] = rounds_s[len(rounds_s) // 2] if len(rounds_s) % 2 else sum(rounds_s[len(rounds_s) // 2 - 1:len(rounds_s) // 2 + 1]) / 2
+    out["plot"] = str(folder.path / "summary.png")
+    return out
+
+
+def print_summary(figures: dict[str, Any], title: str) -> dict[str, Any]:
+    """A rich table of a run's figures, then the figures as one JSON line."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("figure")
+    table.add_column("value")
+    for key, value in figures.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+    print(json.dumps(figures), flush=True)
+    return figures
