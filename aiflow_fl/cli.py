@@ -23,6 +23,9 @@ app = typer.Typer(
 )
 model_app = typer.Typer(help="Inspect backbone models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+from aiflow_fl.family.cli import family_app  # noqa: E402  (typer only; the family code loads lazily)
+
+app.add_typer(family_app, name="family")
 
 Overrides = Annotated[
     Optional[list[str]],
@@ -117,45 +120,6 @@ def deploy(
     from aiflow_fl.federated.deploy import deploy_command
 
     deploy_command(list(overrides or []), nodes, timeout)
-
-
-@app.command()
-def generate(
-    prompt: Annotated[str, typer.Argument(help="The user message.")],
-    tiers: Annotated[str, typer.Option(help="Chain of tiers: device[,edge][,cloud].")] = "device,edge",
-    family: Annotated[Optional[str], typer.Option(help="Family folder (aiflow family build); members per tier from serving.members or smallest..largest.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Without --family: backbone whose early exits are the tiers.")] = None,
-    exits: Annotated[Optional[str], typer.Option(help="Without --family: exit layers of the lower tiers, e.g. 8,16 (last tier = full model).")] = None,
-    remote: Annotated[Optional[list[str]], typer.Option(help="TIER=URL of a tier served by `aiflow serve` (repeatable).")] = None,
-    overrides: Overrides = None,
-) -> None:
-    """Hierarchical speculative decoding: the device drafts, edge/cloud verify; streams the answer and prints acceptance stats."""
-    from aiflow_fl.config import load_config
-    from aiflow_fl.serving.commands import generate as run_generate, parse_remote
-
-    extra = list(overrides or []) + ([f"model.name={model}"] if model else []) + ([f"serving.exits=[{exits}]"] if exits else [])
-    cfg = load_config(extra)
-    run_generate(cfg, prompt, [t.strip() for t in tiers.split(",") if t.strip()], family, parse_remote(remote or []))
-
-
-@app.command()
-def serve(
-    tier: Annotated[str, typer.Option(help="Which tier this process serves: edge or cloud.")],
-    family: Annotated[Optional[str], typer.Option(help="Family folder.")] = None,
-    member: Annotated[Optional[str], typer.Option(help="With --family: the member to serve.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Without --family: the backbone (embedded name or folder).")] = None,
-    exit_layer: Annotated[Optional[int], typer.Option("--exit", help="Without --family: serve the early exit at this layer (default: full model).")] = None,
-    port: Annotated[int, typer.Option(help="TCP port on 127.0.0.1 (0: any free one, printed as READY PORT).")] = 0,
-    core: Annotated[Optional[int], typer.Option(help="Pin this process to one CPU core.")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="torch threads.")] = None,
-    overrides: Overrides = None,
-) -> None:
-    """Serve one verifier tier over HTTP on loopback for `aiflow generate --remote TIER=URL`."""
-    from aiflow_fl.config import load_config
-    from aiflow_fl.serving.commands import serve_member
-
-    cfg = load_config(list(overrides or []) + ([f"model.name={model}"] if model else []))
-    serve_member(cfg, tier, family, member, exit_layer, port, core, threads)
 
 
 @app.command()

@@ -127,3 +127,17 @@ def test_decomposed_linear_under_real_peft_and_merge_is_refused():
         assert not torch.allclose(peft_model(ids).logits, before)
     with pytest.raises(AiflowError, match="merge"):
         peft_model.merge_and_unload()
+
+
+def test_residual_components_equal_explicit_refactorization_of_the_residual():
+    torch.manual_seed(0)
+    w, x = torch.randn(20, 12), torch.randn(40, 12).double()
+    gram = x.T @ x
+    comps = residual_components(w, gram, rank=3, count=3)
+    residual = w.double()
+    for c in range(3):
+        u, v = factorize(residual, gram).factors(3, torch.float64)
+        torch.testing.assert_close(comps[c][0].double() @ comps[c][1].double(), u @ v, atol=1e-5, rtol=1e-5)
+        residual = residual - u @ v
+    with pytest.raises(AiflowError, match="at most 4"):
+        residual_components(w, gram, rank=3, count=5)

@@ -6,36 +6,29 @@ Public API (stable names other packages call):
 * :func:`align_key` ``(spec, module_path) -> key`` and :func:`module_path` ``(spec, key, num_layers)`` —
   family-wide alignment keys of modules (see :mod:`aiflow_fl.family.members`).
 * :class:`Family`, :func:`family_from_backbone`, :func:`empty_family`, :func:`load_family`,
-  :func:`describe_folder`, :class:`MemberSpec`, :class:`DecomposedLinear`.
-* Split inference: :mod:`aiflow_fl.family.split`.
+  :func:`describe_folder`, :func:`head_member`, :class:`MemberSpec`, :class:`DecomposedLinear`.
+* Split inference: :mod:`aiflow_fl.family.split` (``run_prefix``, ``resume``, ``SplitState``).
+* Training: :mod:`aiflow_fl.family.train`; evaluation: :mod:`aiflow_fl.family.evaluate`.
+
+Names are imported lazily so ``aiflow --help`` (which registers the ``family`` commands) stays fast.
 """
 
-from aiflow_fl.family.family import (
-    Family,
-    add_branch,
-    add_hpcd,
-    describe_folder,
-    empty_family,
-    family_from_backbone,
-    head_member,
-    load_family,
-    load_member,
-)
-from aiflow_fl.family.members import MemberSpec, align_key, module_path
-from aiflow_fl.family.svd import DecomposedLinear
+from __future__ import annotations
 
-__all__ = [
-    "DecomposedLinear",
-    "Family",
-    "MemberSpec",
-    "add_branch",
-    "add_hpcd",
-    "align_key",
-    "describe_folder",
-    "empty_family",
-    "family_from_backbone",
-    "head_member",
-    "load_family",
-    "load_member",
-    "module_path",
-]
+import importlib
+
+_EXPORTS = {
+    "Family": "family", "add_branch": "family", "add_hpcd": "family", "describe_folder": "family",
+    "empty_family": "family", "family_from_backbone": "family", "head_member": "family",
+    "load_family": "family", "load_member": "family",
+    "MemberSpec": "members", "align_key": "members", "module_path": "members",
+    "DecomposedLinear": "svd",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"aiflow_fl.family.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'aiflow_fl.family' has no attribute '{name}'")

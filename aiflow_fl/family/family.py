@@ -259,14 +259,19 @@ def _is_linear_weight(key: str) -> bool:
     return bool(match) and key.endswith(".weight") and match.group(2)[: -len(".weight")] in LINEAR_NAMES
 
 
-def add_hpcd(family: Family, count: int, ratio: float, grams: dict[str, torch.Tensor] | None) -> None:
-    """Store ``count`` residual components (each at ``ratio``) for every decoder linear."""
+def add_hpcd(
+    family: Family, count: int, ratio: float, grams: dict[str, torch.Tensor] | None, layers: Iterable[int] | None = None
+) -> None:
+    """Store ``count`` residual components (each at ``ratio``) for every decoder linear (of ``layers``;
+    default all — linears of other layers stay dense in HPCD members)."""
     if not isinstance(count, int) or count < 1:
         raise AiflowError(f"family.hpcd_components is {count!r}; it must be an integer ≥ 1.")
     check_ratio(ratio, "HPCD component ratio")
     from rich.progress import Progress
 
-    keys = [k for k in family.backbone_keys if _is_linear_weight(k)]
+    wanted = None if layers is None else set(layers)
+    keys = [k for k in family.backbone_keys
+            if _is_linear_weight(k) and (wanted is None or int(_LAYER_PATH.match(k).group(1)) in wanted)]  # type: ignore[union-attr]
     with Progress(transient=True) as progress:
         task = progress.add_task("HPCD components", total=len(keys))
         for key in keys:

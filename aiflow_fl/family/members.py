@@ -230,8 +230,8 @@ def store_keys(
             continue
         if spec.kind == "hpcd":
             linear = rest.rsplit(".", 1)[0]
-            if linear in shapes and rest.endswith(".weight"):
-                path = f"model.layers.{index}.{linear}"
+            path = f"model.layers.{index}.{linear}"
+            if linear in shapes and rest.endswith(".weight") and path in hpcd_ranks:
                 comp = hpcd_ranks[path][: spec.components]
                 ranks[path] = comp
                 for c in range(spec.components):

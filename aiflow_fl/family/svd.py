@@ -268,13 +268,26 @@ def decompose_linear(linear: nn.Linear, gram: torch.Tensor | None, rank: int) ->
 def residual_components(
     weight: torch.Tensor, gram: torch.Tensor | None, rank: int, count: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """HPCD initialisation: component c = whitened SVD (rank ``rank``) of W − Σ_{c'<c} U_c' V_c'."""
-    residual = weight.detach().double()
+    """HPCD initialisation: component c = whitened SVD (rank ``rank``) of W − Σ_{c'<c} U_c' V_c'.
+
+    With untrained earlier components, the residual's whitened SVD is the rest of W S's: (W − U_hΣ_h
+    V_hᵀS⁻¹) S = Σ_{i>h} σ_i u_i v_iᵀ, so component c is singular triplets [c·h, (c+1)·h) of one SVD
+    (computed once). After training earlier components, :func:`aiflow_fl.family.train` re-factorizes
+    the actual residual instead.
+    """
+    fac = factorize(weight, gram)
+    root = fac.sigma.sqrt()
     out = []
-    for _ in range(count):
-        w_u, w_v = factorize(residual, gram).factors(rank, torch.float64)
+    for c in range(count):
+        lo, hi = c * rank, min((c + 1) * rank, fac.sigma.numel())
+        if lo >= hi:
+            raise AiflowError(
+                f"HPCD component {c + 1} of rank {rank} does not fit a {tuple(weight.shape)} linear (rank ≤ "
+                f"{fac.sigma.numel()}); use fewer components (at most {fac.sigma.numel() // rank}) or a smaller ratio."
+            )
+        w_u = fac.u[:, lo:hi] * root[lo:hi]
+        w_v = root[lo:hi, None] * fac.vt_sinv[lo:hi]
         out.append((w_u.to(weight.dtype), w_v.to(weight.dtype)))
-        residual = residual - w_u @ w_v
     return out
 
 
@@ -357,3 +370,30 @@ def output_error(linear: nn.Module, approx: nn.Module, inputs: torch.Tensor) -> 
     with torch.no_grad():
         diff = linear(inputs) - approx(inputs)
     return float(diff.double().pow(2).sum())
+
+
+def decompose_model(
+    model: nn.Module,
+    grams: dict[str, torch.Tensor] | None,
+    ratio: float,
+    layers: Iterable[int] | None = None,
+) -> nn.Module:
+    """A copy of ``model`` with every decoder linear (of ``layers``; default all) replaced by a
+    rank-``rank_for_ratio(ratio)`` DecomposedLinear: whitened SVD when ``grams`` holds the linear's
+    Gram matrix, plain SVD when ``grams`` is None (the baseline at the same parameter ratio)."""
+    import copy
+
+    from rich.progress import Progress
+
+    check_ratio(ratio)
+    out = copy.deepcopy(model)
+    linears = decoder_linears(out, layers)
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"{'whitened' if grams is not None else 'plain'} SVD at ratio {ratio}", total=len(linears))
+        for name, linear in linears.items():
+            gram = None if grams is None else grams[name]
+            rank = rank_for_ratio(linear.out_features, linear.in_features, ratio)
+            parent_path, child = name.rsplit(".", 1)
+            setattr(out.get_submodule(parent_path), child, decompose_linear(linear, gram, rank))
+            progress.advance(task)
+    return out

@@ -111,12 +111,22 @@ def _branch_units(family: Family) -> tuple[list[BranchUnit], dict[int, nn.Module
     return units, layers
 
 
-def train_branches(family: Family, batches: Iterator[torch.Tensor], tcfg, show_progress: bool = True) -> dict:
-    """Train EESB branches (and the main model per ``tcfg.main``) for ``tcfg.steps`` optimizer steps.
+def train_branches(
+    family: Family,
+    batches: Iterator[torch.Tensor],
+    tcfg,
+    show_progress: bool = True,
+    time_limit_s: float | None = None,
+) -> dict:
+    """Train EESB branches (and the main model per ``tcfg.main``) for ``tcfg.steps`` optimizer steps
+    (fewer if ``time_limit_s`` of wall time runs out first).
 
     ``batches`` yields (B, T) token ids; ``tcfg`` is :class:`aiflow_fl.config.BranchTrainingConfig`.
-    Returns the loss history per unit.
+    Returns the loss history per unit (and ``steps_done``).
     """
+    import time
+
+    started = time.perf_counter()
     if tcfg.main not in MAIN_MODES:
         raise AiflowError(f"family.branch_training.main is '{tcfg.main}'; allowed: {', '.join(MAIN_MODES)}.")
     if tcfg.accumulate < 1 or tcfg.steps < 0:
@@ -143,7 +153,10 @@ def train_branches(family: Family, batches: Iterator[torch.Tensor], tcfg, show_p
 
     with Progress(transient=not show_progress) as progress:
         task = progress.add_task("training branches", total=tcfg.steps)
+        steps_done = 0
         for step in range(tcfg.steps):
+            if time_limit_s is not None and time.perf_counter() - started > time_limit_s:
+                break
             ids = next(batches)
             optimizer.zero_grad(set_to_none=True)
             out = None
@@ -172,6 +185,7 @@ def train_branches(family: Family, batches: Iterator[torch.Tensor], tcfg, show_p
                 if total.requires_grad:
                     total.backward()
             optimizer.step()
+            steps_done += 1
             progress.update(task, advance=1, description=f"training branches (unit CE {sum(running) / len(running):.3f})")
     for unit in units:
         unit.ranks = None
@@ -180,6 +194,7 @@ def train_branches(family: Family, batches: Iterator[torch.Tensor], tcfg, show_p
     if peft_model is not None:
         main = peft_model.merge_and_unload()
     _write_back(family, main, branch_layers)
+    history["steps_done"] = [float(steps_done)]
     return history
 
 

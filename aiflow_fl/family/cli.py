@@ -1,0 +1,136 @@
+"""``aiflow family build | info | eval``. Heavy imports happen inside the commands."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+family_app = typer.Typer(help="Build, inspect and evaluate familial models (EESB / HPCD).", no_args_is_help=True)
+
+
+def training_batches(tokenizer, seq_len: int, batch_size: int, source: str = "pydoc", seed: int = 0):
+    """Endless random batches from the training side of the data split (held-out text never used)."""
+    import torch
+
+    from aiflow_fl.data.partition import split_heldout
+    from aiflow_fl.data.sources import load_chunks
+
+    train, _ = split_heldout(load_chunks(source, tokenizer, seq_len), 0.1, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    while True:
+        for index in torch.randperm(len(train), generator=generator).split(batch_size):
+            if len(index) == batch_size:
+                yield train.input_ids[index]
+
+
+def heldout_batches(tokenizer, seq_len: int, batch_size: int, limit: int, source: str = "pydoc", seed: int = 0):
+    """The first ``limit`` held-out chunks, in batches."""
+    from aiflow_fl.data.partition import split_heldout
+    from aiflow_fl.data.sources import load_chunks
+
+    _, heldout = split_heldout(load_chunks(source, tokenizer, seq_len), 0.1, seed)
+    rows = heldout.input_ids[:limit]
+    return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+def _members_table(rows: list[dict], title: str, extra: list[str] = ()):  # type: ignore[assignment]
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ["member", "kind", "exit / k", "ratio", "parameters", "MiB", "params %", "block params %", *extra]:
+        table.add_column(col)
+    for r in rows:
+        where = r["components"] if r["kind"] == "hpcd" else r["exit"]
+        cells = [r["name"], r["kind"], str(where), f"{r['ratio']:.3f}", f"{r['num_parameters']:,}",
+                 f"{r['num_bytes'] / 2**20:.1f}", f"{100 * r['params_fraction']:.1f}", f"{100 * r['block_params_fraction']:.1f}"]
+        cells += [str(r.get(c, "")) for c in extra]
+        table.add_row(*cells)
+    return table
+
+
+@family_app.command("build")
+def build(
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="Config overrides, e.g. family.budgets=[0.4,0.6] family.kind=both")] = None,
+) -> None:
+    """Calibrate, decompose (whitened SVD), optionally train branches / HPCD components, save the family."""
+    import time
+
+    from rich.console import Console
+
+    from aiflow_fl.config import load_config
+    from aiflow_fl.family.family import family_from_backbone
+    from aiflow_fl.family.train import train_branches, train_hpcd
+    from aiflow_fl.models import load_backbone
+
+    cfg = load_config(overrides)
+    console = Console(width=160)
+    start = time.perf_counter()
+    loaded = load_backbone(cfg.model.name)
+    family = family_from_backbone(loaded.model, loaded.tokenizer, cfg.family)
+    tcfg = cfg.family.branch_training
+    if tcfg.steps > 0 and any(s.kind == "eesb" for s in family.members.values()):
+        batches = training_batches(loaded.tokenizer, tcfg.seq_len, tcfg.batch_size, cfg.data.source, cfg.run.seed)
+        train_branches(family, batches, tcfg)
+    if tcfg.hpcd_steps > 0 and family.hpcd_ranks:
+        batches = training_batches(loaded.tokenizer, tcfg.seq_len, tcfg.batch_size, cfg.data.source, cfg.run.seed)
+        train_hpcd(family, batches, tcfg.hpcd_steps, tcfg.lr, tcfg.hpcd_kl_weight)
+    family.info["total_build_s"] = round(time.perf_counter() - start, 2)
+    folder = family.save(cfg.family.dir)
+    console.print(_members_table(family.describe(), f"family saved to {folder}"))
+    console.print(f"built in {family.info['total_build_s']:.1f} s")
+
+
+@family_app.command("info")
+def info(folder: Annotated[str, typer.Argument(help="A family folder written by `aiflow family build`.")]) -> None:
+    """Members, parameters and memory of a family folder."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from aiflow_fl.family.family import TENSORS, describe_folder
+
+    description = describe_folder(folder)
+    members = description["members"]
+    full = next(m for m in members if m["kind"] == "full")
+    rows = [m | {"params_fraction": m["num_parameters"] / full["num_parameters"],
+                 "block_params_fraction": m["block_parameters"] / full["block_parameters"]} for m in members]
+    console = Console(width=160)
+    console.print(_members_table(rows, f"family {folder} (backbone {description.get('backbone') or '?'}, {description['num_layers']} layers)"))
+    size = (Path(folder) / TENSORS).stat().st_size
+    console.print(f"tensors file: {size / 2**20:.1f} MiB; info: {description.get('info', {})}")
+
+
+@family_app.command("eval")
+def evaluate(
+    folder: Annotated[str, typer.Argument(help="A family folder written by `aiflow family build`.")],
+    samples: Annotated[int, typer.Option(help="Held-out pydoc chunks to evaluate on.")] = 32,
+    seq_len: Annotated[int, typer.Option(help="Tokens per chunk.")] = 128,
+    members: Annotated[Optional[str], typer.Option(help="Comma-separated member names (default: all).")] = None,
+) -> None:
+    """Perplexity, top-1 accuracy and retention (top-1 / the full member's) of members on held-out text."""
+    from rich.console import Console
+
+    from aiflow_fl.family.evaluate import evaluate_lm
+    from aiflow_fl.family.family import describe_folder, load_member
+
+    description = describe_folder(folder)
+    names = [m["name"] for m in description["members"]]
+    chosen = names if members is None else [n.strip() for n in members.split(",")]
+    chosen = ["full"] + [n for n in chosen if n != "full"]
+    rows, full_top1 = [], None
+    batches = None
+    for name in chosen:
+        model, tokenizer, spec = load_member(folder, name)
+        if batches is None:
+            batches = heldout_batches(tokenizer, seq_len, 4, samples)
+        scores = evaluate_lm(model, batches)
+        full_top1 = scores["top1_acc"] if full_top1 is None else full_top1
+        full = next(m for m in description["members"] if m["kind"] == "full")
+        rows.append(spec.to_dict() | {
+            "params_fraction": spec.num_parameters / full["num_parameters"],
+            "block_params_fraction": spec.block_parameters / full["block_parameters"],
+            "ppl": f"{scores['ppl']:.2f}", "top1": f"{scores['top1_acc']:.3f}",
+            "retention": f"{scores['top1_acc'] / full_top1:.3f}",
+        })
+    Console(width=180).print(_members_table(rows, f"family {folder} on held-out pydoc text", ["ppl", "top1", "retention"]))
