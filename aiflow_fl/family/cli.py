@@ -74,7 +74,7 @@ def build(
         train_branches(family, batches, tcfg)
     if tcfg.hpcd_steps > 0 and family.hpcd_ranks:
         batches = training_batches(loaded.tokenizer, tcfg.seq_len, tcfg.batch_size, cfg.data.source, cfg.run.seed)
-        train_hpcd(family, batches, tcfg.hpcd_steps, tcfg.lr, tcfg.hpcd_kl_weight)
+        train_hpcd(family, batches, tcfg.hpcd_steps, tcfg.lr, tcfg.hpcd_kl_weight, grams=family.grams)
     family.info["total_build_s"] = round(time.perf_counter() - start, 2)
     folder = family.save(cfg.family.dir)
     console.print(_members_table(family.describe(), f"family saved to {folder}"))

@@ -62,6 +62,9 @@ class Family:
     branch_ranks: dict[int, dict[str, int]] = field(default_factory=dict)  # exit -> linear -> stored rank
     hpcd_ranks: dict[str, list[int]] = field(default_factory=dict)  # linear path -> component ranks
     info: dict[str, Any] = field(default_factory=dict)
+    # Calibration Gram matrices of the build (not saved): progressive HPCD training re-factorizes
+    # residuals with them.
+    grams: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def backbone_keys(self) -> list[str]:
@@ -351,6 +354,7 @@ def family_from_backbone(
             batches = calibration_batches(tokenizer, cfg.calibration_samples, cfg.calibration_seq_len)
         batches = list(batches)
         grams = calibrate(model, batches, layers=layers, total=len(batches))
+    family.grams = grams
     for exit_layer in exits:
         add_branch(family, exit_layer, max(r for e, r in pairs if e == exit_layer), grams)
     for i, (exit_layer, ratio) in enumerate(pairs):

@@ -219,8 +219,10 @@ def train_hpcd(
     kl_weight: float = 0.4,
     grams: dict[str, torch.Tensor] | None = None,
     show_progress: bool = True,
+    stages: list[int] | None = None,
 ) -> dict[str, list[float]]:
-    """Progressive HPCD training (see module doc); returns the loss history per stage."""
+    """Progressive HPCD training (see module doc) of stages ``stages`` (default 1..K, in order);
+    returns the loss history per stage."""
     from rich.progress import Progress
 
     if not family.hpcd_ranks:
@@ -229,7 +231,9 @@ def train_hpcd(
     teacher = family.build("full")
     history: dict[str, list[float]] = {}
     with Progress(transient=not show_progress) as progress:
-        for k in range(1, count + 1):
+        for k in stages or range(1, count + 1):
+            if not 1 <= k <= count:
+                raise AiflowError(f"HPCD stage {k} is outside the allowed range 1..{count} (the family's components).")
             if grams is not None and k > 1:
                 _reinit_component(family, k - 1, grams)
             spec = family.members.get(f"hpcd-{k}") or MemberSpec(f"hpcd-{k}", "hpcd", exit=family.config.num_hidden_layers, components=k)
