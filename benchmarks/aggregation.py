@@ -264,12 +264,15 @@ def _plot(out: dict[str, Any], hist: dict[str, list[dict[str, Any]]], figures: d
 
 def run(quick: bool = False) -> dict[str, Any]:
     torch.manual_seed(0)
-    if quick:
-        torch.set_num_threads(1)  # small matrices: threads only add contention on a shared machine
-    start = time.perf_counter()
-    figures = math_figures(quick)
-    figures["math_s"] = round(time.perf_counter() - start, 2)
-    figures.update(simulation_figures(quick))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thin factors: extra threads only spin against the other users of the machine
+    try:
+        start = time.perf_counter()
+        figures = math_figures(quick)
+        figures["math_s"] = round(time.perf_counter() - start, 2)
+        figures.update(simulation_figures(quick))
+    finally:
+        torch.set_num_threads(threads)
     table = Table(title="aggregation: exactness, hierarchy, accuracy")
     for col in ("method", "exact_error", "hier_equals_flat", "heldout_acc"):
         table.add_column(col)
