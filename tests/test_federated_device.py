@@ -167,3 +167,28 @@ def test_run_folder_checkpoints_are_atomic_and_resume_checks_the_config(tmp_path
     with pytest.raises(AiflowError, match="lora.rank"):
         RunFolder.open_for_resume(tmp_path / "r", load_config([f"run.dir={tmp_path / 'r'}", "lora.rank=3"]))
     assert run.plot().stat().st_size > 1000
+
+
+def test_device_trains_a_family_member_under_family_wide_keys(tmp_path, tokenizer):
+    """With a built family (family.dir), a device trains its EESB member; the branch layer's update
+    travels as ``branch.<exit>.*``, and starting LoRA from an update equals folding it into the base."""
+    from aiflow_fl.config import FamilyConfig
+    from aiflow_fl.family import family_from_backbone
+    from aiflow_fl.federated.device import DeviceState, device_evaluate, device_train
+
+    backbone = tiny_model("llama", num_layers=4)
+    family = family_from_backbone(backbone, tokenizer, FamilyConfig(kind="eesb", exits=[2], ratios=[0.5]),
+                                  batches=[torch.randint(0, 500, (2, 24))])
+    family.save(tmp_path / "family")
+    cfg = load_config([f"family.dir={tmp_path / 'family'}", "data.source=stdlib", "data.seq_len=32", "train.batch_size=2",
+                       "data.max_examples_per_client=8", "data.max_heldout_examples=4", "lora.target_modules=[q_proj,v_proj]"])
+    profile = device_profile({"partition-id": 0, "num-partitions": 2, "member": "eesb-0", "lora-rank": 2}, cfg)
+    update, metrics = device_train(cfg, profile, DeviceState(), None, None, 1, local_steps=2, lr=1e-2)
+    assert set(update.layers) == {f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")} | {
+        "branch.2.self_attn.q_proj", "branch.2.self_attn.v_proj"}
+    assert metrics["train-steps"] == 2
+    _, with_lora = device_evaluate(cfg, profile, None, update)
+    _, with_base = device_evaluate(cfg, profile, update, None)  # the branch is decomposed: folded as a hook
+    _, untouched = device_evaluate(cfg, profile, None, None)
+    assert with_lora["eval-loss"] == pytest.approx(with_base["eval-loss"], rel=1e-5)
+    assert with_lora["eval-loss"] != untouched["eval-loss"]

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -77,8 +78,7 @@ def family_available(cfg: AiflowConfig) -> bool:
         from aiflow_fl import family
     except ImportError:
         return False
-    folder = Path(cfg.family.dir)
-    return hasattr(family, "load_member") and folder.is_dir() and any(folder.iterdir())
+    return (Path(cfg.family.dir) / "family.json").is_file() and hasattr(family, "load_member")
 
 
 _PRISTINE: dict[tuple[str, str, str], Member] = {}
@@ -99,20 +99,10 @@ def _build_member(cfg: AiflowConfig, name: str) -> Member:
     if family_available(cfg):
         from aiflow_fl import family
 
-        loaded = family.load_member(cfg.family.dir, name)
-        model = getattr(loaded, "model", loaded)
-        tokenizer = getattr(loaded, "tokenizer", None)
-        if tokenizer is None:
-            from aiflow_fl.models import load_tokenizer
-
-            tokenizer = load_tokenizer(cfg.model.name)
-        spec = getattr(loaded, "spec", loaded)
-        align = getattr(family, "align_key", None)
-        key_of = (lambda path: align(spec, path)) if align is not None else (lambda path: path)
-        return Member(name, model, tokenizer, key_of, getattr(model.config, "num_hidden_layers", 0))
+        model, tokenizer, spec = family.load_member(cfg.family.dir, name, dtype=getattr(torch, cfg.model.dtype))
+        model.requires_grad_(False)
+        return Member(name, model, tokenizer, lambda path: family.align_key(spec, path), model.config.num_hidden_layers)
     from aiflow_fl.models import load_backbone
-
-    import torch
 
     loaded = load_backbone(cfg.model.name, dtype=getattr(torch, cfg.model.dtype))
     total = loaded.model.config.num_hidden_layers
