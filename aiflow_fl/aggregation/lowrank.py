@@ -98,9 +98,17 @@ def difference(full: LoraFactors, part: LoraFactors) -> LoraFactors:
 
 
 def add(parts: list[dict[str, LoraFactors]], max_rank: int | None = None) -> dict[str, LoraFactors]:
-    """Key-wise exact sum of several factor dicts (keys present in any of them), re-factorised."""
+    """Key-wise exact sum of several factor dicts (keys present in any of them), re-factorised.
+
+    A key held by a single part is returned as it is when no truncation is asked for (it was
+    re-factorised when it was made), which keeps the common per-round case cheap.
+    """
     keys = sorted({k for p in parts for k in p})
-    return {k: refactor([scaled(p[k]) for p in parts if k in p], max_rank) for k in keys}
+    out = {}
+    for k in keys:
+        present = [p[k] for p in parts if k in p]
+        out[k] = present[0] if len(present) == 1 and max_rank is None else refactor([scaled(f) for f in present], max_rank)
+    return out
 
 
 def dense(layers: dict[str, LoraFactors]) -> dict[str, torch.Tensor]:
