@@ -108,14 +108,16 @@ def run_server(grid: Grid, cfg: AiflowConfig, progress: Any = None) -> ServerSum
         metrics = evaluator(merged)
         train_rounds = range(watched.round_offset + flower_round - edge_rounds + 1, watched.round_offset + flower_round + 1)
         client = _client_summary([m for r in train_rounds for m in watched.client_metrics.get(r, [])])
-        # The strategy's own counts: it also leaves out malformed updates the grid cannot see.
+        # The strategy counts replies it left out (errors, malformed updates); the grid, the nodes that
+        # never replied (timeouts).
         history = strategy.history[-edge_rounds:]
+        failures = [f for r in train_rounds for f in watched.failures.get(r, [])]
         round_s = time.perf_counter() - round_start[0]
         folder.log({"round": cloud_round, "kind": "train", **client, "round-s": round_s,
                     **{k: v for k, v in history[-1].items() if k.startswith(("bytes/", "cloud-bytes", "sim-round-s"))},
                     "clients-ok": history[-1]["clients-ok"],
-                    "clients-failed": sum(h["clients-failed"] for h in history),
-                    "failures": [f for r in train_rounds for f in watched.failures.get(r, [])]})
+                    "clients-failed": sum(h["clients-failed"] for h in history) + sum("timed out" in f for f in failures),
+                    "failures": failures})
         folder.log({"round": cloud_round, "kind": "eval", **metrics})
         for record in reporter.records(cloud_round, [m for r in train_rounds for m in watched.client_metrics.get(r, [])], merged):
             folder.log(record)

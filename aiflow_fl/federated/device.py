@@ -27,7 +27,7 @@ from aiflow_fl.federated.local import (
     train_local,
 )
 from aiflow_fl.federated.lora import attach_lora, extract_update, fold_base, load_update
-from aiflow_fl.federated.member import Member, load_member
+from aiflow_fl.federated.member import load_member
 
 
 FAULTS = ("", "raise", "hang", "nan", "shape", "missing")
@@ -178,10 +178,3 @@ def device_evaluate(
     member, model = prepare_member(cfg, profile, base, lora)
     data = load_device_data(cfg, profile, member.tokenizer)
     return len(data.heldout), evaluate(model, data.heldout, cfg.train.eval_batch_size)
-
-
-def member_for_eval(cfg: AiflowConfig, name: str, rank: int, alpha: float,
-                    base: AdapterUpdate | None, lora: AdapterUpdate | None) -> tuple[Member, torch.nn.Module]:
-    """A member with an adapter applied, for central evaluation on the server."""
-    profile = DeviceProfile(0, 1, name, rank, alpha, 0)
-    return prepare_member(cfg, profile, base, lora)

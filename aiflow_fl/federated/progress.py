@@ -87,7 +87,7 @@ class WatchedGrid(Grid):
                 self._advance(losses)
             if pending:
                 time.sleep(_POLL_S)
-        failures = [f"node {dst[m]} timed out after {timeout:.0f} s" for m in pending]
+        failures = [f"node {dst.get(m, m)} timed out after {timeout:.0f} s" for m in pending]
         for reply in replies:
             if reply.has_error():
                 failures.append(f"node {reply.metadata.src_node_id} failed: {reply.error.reason.splitlines()[0][:200]}")
@@ -118,6 +118,4 @@ class WatchedGrid(Grid):
             self.progress.update(self._task, advance=1, loss=loss)
 
     def _stop(self) -> None:
-        if self.progress is not None and self._task is not None:
-            self.progress.update(self._task, visible=True)
-            self._task = None
+        self._task = None  # the finished round's bar stays on screen
