@@ -141,3 +141,20 @@ def test_residual_components_equal_explicit_refactorization_of_the_residual():
         residual = residual - u @ v
     with pytest.raises(AiflowError, match="at most 4"):
         residual_components(w, gram, rank=3, count=5)
+
+
+def test_decomposed_linear_copies_and_pickles_after_weight_was_read():
+    import copy
+    import io
+
+    layer = DecomposedLinear.from_factors([torch.randn(5, 2)], [torch.randn(2, 4)])
+    dense = layer.weight.clone()  # fills the cache
+    twin = copy.deepcopy(layer)
+    torch.testing.assert_close(twin.weight, dense)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.load(buffer, weights_only=False).weight, dense)
+    with torch.no_grad():
+        twin.us[0].mul_(2)  # an in-place update of a factor invalidates the cached product
+    torch.testing.assert_close(twin.weight, 2 * dense)

@@ -126,6 +126,12 @@ class DecomposedLinear(nn.Linear):
             self.__dict__["_dense_cache"] = cached
         return cached[1]
 
+    def __getstate__(self) -> dict:
+        # the cached dense product is derived data: never copied or pickled (deepcopy, torch.save, Ray)
+        state = dict(super().__getstate__())
+        state.pop("_dense_cache", None)
+        return state
+
     def __setattr__(self, name: str, value) -> None:
         if name == "weight":
             raise AiflowError(_NO_DENSE_WRITE)
