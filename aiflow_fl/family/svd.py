@@ -116,8 +116,9 @@ class DecomposedLinear(nn.Linear):
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
         # peft reads .weight often (device/dtype checks): cache the product until a factor changes
-        # (in-place updates bump a tensor's _version; replacing a parameter changes its id).
-        key = (self.active_rank, tuple((id(p), p._version) for p in [*self.us, *self.vs]))
+        # (in-place updates bump a tensor's _version; replacing a parameter changes its id; .to() and
+        # `param.data = …` change its storage pointer or dtype).
+        key = (self.active_rank, tuple((id(p), p._version, p.data_ptr(), p.dtype) for p in [*self.us, *self.vs]))
         cached = self.__dict__.get("_dense_cache")
         if cached is None or cached[0] != key:
             with torch.no_grad():
