@@ -141,7 +141,13 @@ class LoraStrategy(Strategy):
         ``initial_arrays``: a previous run's merged update (resume) or an empty ArrayRecord.
         """
         if initial_arrays is not None and len(initial_arrays) > 0:
-            self.base = arrays_to_update(initial_arrays).layers
+            try:
+                self.base = arrays_to_update(initial_arrays).layers
+            except ValueError as exc:
+                raise AiflowError(
+                    f"The starting update (a checkpoint to resume from) is not an aiflow-fl adapter record "
+                    f"(keys '<module>::A|B|scaling'): {exc}. Resume from a checkpoint this strategy wrote."
+                ) from None
         rounds = num_rounds * (self.hierarchy.edge_rounds if self.hierarchy else 1)
         return super().start(grid=grid, initial_arrays=initial_arrays or ArrayRecord(), num_rounds=rounds, **kwargs)
 
