@@ -84,8 +84,9 @@ def test_frozen_or_dead_verifier_degrades_to_device_only(model_dir, servers):
         os.kill(proc.pid, signal.SIGCONT)
     finally:
         stop_server(proc)
-    with pytest.raises(AiflowError, match="No tier server answers"):
-        build_chain(cfg, ["device", "edge"], remote={"edge": url})  # gone before the start: a clear error
+    with pytest.warns(UserWarning, match="skipping the edge tier"):  # gone before the start: skipped
+        chain, _ = build_chain(cfg, ["device", "edge"], remote={"edge": url})
+    assert len(chain.slots) == 1 and len(chain.generate(ids, 5).tokens) == 5
     chain, _ = build_chain(cfg, ["device", "edge"], remote={"edge": servers["edge"]})
     os.kill(servers["procs"][0].pid, signal.SIGSTOP)  # dies during generation
     try:

@@ -155,6 +155,11 @@ def test_adaptive_draft_and_reduced_vocab_stay_lossless_and_stream():
     assert result.tokens == expected and streamed[:30] == expected
     assert chain.draft_len != 2  # adapted
     assert chain.slots[0].tier.vocab is not None and len(chain.slots[0].tier.vocab) == 300
+    gated = local_chain(members, draft_len=4, confidence=0.5, eos_token_ids=[])
+    assert gated.generate(ids, 30).tokens == expected  # confidence-gated drafting stays lossless
+    calls = {tau: local_chain(members, draft_len=4, confidence=tau, eos_token_ids=[]).generate(ids, 30).stats["tiers"][1]["calls"]
+             for tau in (0.0, 1.01)}
+    assert calls[1.01] > calls[0.0]  # a threshold above any probability ends every block after one token
 
 
 def test_eos_stops_like_generate():

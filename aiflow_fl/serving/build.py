@@ -42,6 +42,6 @@ def local_chain(
         raise AiflowError(f"A chain has 1 to 3 members (device[, edge[, cloud]]); got {len(members)}.")
     eos = eos_token_ids if eos_token_ids is not None else eos_ids(members[-1].model)
     vocab = draft_vocabulary(members[0].model.config.vocab_size, draft_vocab, eos)
-    tiers = [LocalTier(members[0], 0, vocab)]
+    tiers = [LocalTier(members[0], 0, vocab, draft=True)]
     tiers += [LocalTier(m, resume_layer(low, m) if reuse else 0) for low, m in zip(members, members[1:])]
     return Chain(tiers, links=links, eos_token_ids=eos, **chain_options)

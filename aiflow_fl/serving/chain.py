@@ -110,6 +110,7 @@ class Chain:
         pipelined: bool = False,
         seed: int = 0,
         cores: list[int] | None = None,
+        confidence: float = 0.0,
     ) -> None:
         if not 1 <= len(tiers) <= 3:
             raise AiflowError(f"A chain has 1 to 3 tiers (device[, edge[, cloud]]); got {len(tiers)}.")
@@ -122,6 +123,9 @@ class Chain:
         self.temperature = temperature
         self.eos = set(eos_token_ids or [])
         self.pipelined = pipelined
+        self.confidence = confidence
+        self.unsure = False
+        self._last_confidence = 1.0
         self.cores = cores
         self.generator = torch.Generator().manual_seed(seed)
         self.seq: list[int] = []
@@ -147,7 +151,7 @@ class Chain:
                 elif in_flight is not None and in_flight[1].done():
                     self._finish(in_flight[0], in_flight[1].result(), gamma)
                     gamma, in_flight = self._adapt(gamma, in_flight[0]), None
-                elif self._unverified() < gamma * (2 if in_flight else 1) and not self._drafted_eos():
+                elif self._unverified() < gamma * (2 if in_flight else 1) and not self._drafted_eos() and not self.unsure:
                     self._draft_one()  # the device keeps drafting while a verifier works
                 elif in_flight is not None:
                     in_flight[1].exception()  # nothing to draft: wait for the verifier
@@ -173,7 +177,7 @@ class Chain:
         for g in range(len(self.slots) - 1, 0, -1):
             slot, low = self.slots[g], self.slots[g - 1]
             waiting = low.approved - slot.approved
-            flush = low.approved >= limit or any(t in self.eos for t in self.seq[slot.approved:low.approved])
+            flush = low.approved >= limit or any(t in self.eos for t in self.seq[slot.approved:low.approved]) or (g == 1 and self.unsure)
             ready = min(low.approved, low.done) if slot.via_hidden else low.approved
             if waiting > 0 and ready > slot.done and (waiting >= self._block(g) or flush):
                 return self._job(g, ready)
@@ -224,8 +228,11 @@ class Chain:
             slot.preds[job.start + i] = out.preds[i]
             if out.hidden is not None:
                 slot.hidden[job.start + i] = out.hidden[i]
+        if job.g == 0 and out.confidence is not None:
+            self._last_confidence = float(out.confidence[-1])
         if job.g > 0:
             slot.calls += 1
+            self.unsure = False if job.g == 1 else self.unsure
             self._check(job.g)
 
     def _check(self, g: int) -> None:
@@ -262,6 +269,11 @@ class Chain:
         self._finish(job, self._run(job), 0)
         pred = device.preds[len(self.seq) - 1]
         token = int(pred) if self.temperature <= 0 else int(torch.multinomial(pred, 1, generator=self.generator))
+        # Confidence-gated drafting (as transformers' assistant_confidence_threshold): stop the block
+        # after a token the draft itself doubts; with familial reuse the verifier then simply goes on
+        # from the device's layers, so a weak draft costs little more than the verifier alone.
+        confidence = float(pred.max()) if self.temperature > 0 else self._last_confidence
+        self.unsure = self.confidence > 0 and confidence < self.confidence
         self.seq.append(token)
         device.approved = len(self.seq)
 

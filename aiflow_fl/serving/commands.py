@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -98,23 +99,31 @@ def build_chain(cfg: AiflowConfig, tiers: list[str], family: str | None = None, 
     links = chain_links(tiers, cfg)
     blocks = [1] + ([s.cloud_block] if len(tiers) == 3 else [])
     options = dict(draft_len=s.draft_len, adaptive=s.adaptive, min_draft=s.min_draft_len, max_draft=max(s.max_draft_len, s.draft_len),
-                   blocks=blocks, temperature=s.temperature, pipelined=s.pipelined, seed=s.seed, cores=cores)
+                   blocks=blocks, temperature=s.temperature, pipelined=s.pipelined, seed=s.seed, cores=cores,
+                   confidence=s.draft_confidence)
     if not remote:
         return local_chain(members, reuse=s.reuse, draft_vocab=s.draft_vocab, links=links, eos_token_ids=eos, **options), tokenizer
     from aiflow_fl.serving.server import RemoteTier
 
     vocab = draft_vocabulary(members[0].model.config.vocab_size, s.draft_vocab, eos)
-    built: list = [LocalTier(members[0], 0, vocab)]
-    for i, name in enumerate(tiers[1:], start=1):
-        low = members[i - 1]
+    built: list = [LocalTier(members[0], 0, vocab, draft=True)]
+    kept, low = ["device"], members[0]
+    for name, member in zip(tiers[1:], members[1:]):
         if name in remote:
-            tier = RemoteTier(remote[name], timeout_s=s.timeout_s, name=name)
-            as_member = Member(tier.name, None, tier.exit_layer, shared_layers=tier.shared_layers)  # type: ignore[arg-type]
-            tier.entry = resume_layer(low, as_member) if s.reuse else 0
-            built.append(tier)
+            try:
+                tier = RemoteTier(remote[name], timeout_s=s.timeout_s, name=name)
+            except AiflowError as exc:  # skip an unreachable tier: the chain works without it
+                warnings.warn(f"skipping the {name} tier: {exc}", stacklevel=2)
+                continue
+            member = Member(tier.name, None, tier.exit_layer, shared_layers=tier.shared_layers)  # type: ignore[arg-type]
+            tier.entry = resume_layer(low, member) if s.reuse else 0
         else:
-            built.append(LocalTier(members[i], resume_layer(low, members[i]) if s.reuse else 0))
-    return Chain(built, links=links, eos_token_ids=eos, **options), tokenizer
+            tier = LocalTier(member, resume_layer(low, member) if s.reuse else 0)
+        built.append(tier)
+        kept.append(name)
+        low = member
+    options["blocks"] = [1] + ([s.cloud_block] if len(kept) == 3 else [])
+    return Chain(built, links=chain_links(kept, cfg), eos_token_ids=eos, **options), tokenizer
 
 
 def generate(cfg: AiflowConfig, prompt: str, tiers: list[str], family: str | None, remote: dict[str, str]) -> dict:

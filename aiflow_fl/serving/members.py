@@ -115,6 +115,7 @@ class TierOutput:
 
     hidden: torch.Tensor | None  # (n, H) exit hidden states (before the branch): where the next tier resumes
     preds: torch.Tensor  # greedy: (n,) argmax token ids; sampling: (n, V) next-token probabilities
+    confidence: torch.Tensor | None = None  # greedy: (n,) probability of the argmax (for draft gating)
 
 
 def predictions(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -129,6 +130,7 @@ class LocalTier:
     member: Member
     entry: int = 0  # 0: from token ids; else resumes from a lower tier's hidden states at this layer
     vocab: torch.Tensor | None = None  # reduced head (draft only)
+    draft: bool = False  # the drafting tier: also reports its confidence (greedy)
     cache: DynamicCache = field(init=False)
     branch_cache: DynamicCache | None = field(init=False)
     _head_weight: torch.Tensor | None = field(init=False, default=None)
@@ -183,7 +185,8 @@ class LocalTier:
             small = torch.nn.functional.linear(decoder_of(model).norm(out), self._head_weight)[0]
             logits = torch.full((small.shape[0], model.config.vocab_size), float("-inf"))
             logits[:, self.vocab] = small
-        return TierOutput(exit_hidden[0] if want_hidden else None, predictions(logits, temperature))
+        confidence = torch.softmax(logits.float(), -1).amax(-1) if temperature <= 0 and self.draft else None
+        return TierOutput(exit_hidden[0] if want_hidden else None, predictions(logits, temperature), confidence)
 
     def crop(self, length: int) -> None:
         """Forget every position ≥ ``length`` (after a rejection)."""
