@@ -179,6 +179,7 @@ class ServingConfig:
     reuse: bool = True  # familial reuse: verifiers resume from the lower tier's hidden states
     draft_vocab: int = 0  # reduced device head over the first N ids (0: full vocabulary)
     pipelined: bool = False  # the device drafts while the verifier works
+    draft_confidence: float = 0.0  # end a draft block after a token the device gives less than this probability
     temperature: float = 0.0  # 0: greedy
     seed: int = 0
     exits: list[int] = field(default_factory=list)  # early-exit tiers of model.name when there is no family
