@@ -18,8 +18,11 @@ Figures:
 * ``branch_training`` — steps, seconds, tokens; ``build_s`` — calibration + decomposition time.
 
 ``--quick`` (< 60 s on an idle 2-core machine): 4 held-out chunks, 4 calibration chunks, SVD and HPCD
-on layer 12 only, one EESB member (exit 12) with 1 training step. The full run: 64 held-out chunks, 32 calibration
-chunks, all layers, EESB exits 8/12/16/24 with branches trained for a wall-clock budget.
+on layer 12 only, one EESB member (exit 12) with 1 training step. The full run: 16 held-out chunks
+(2,032 predicted tokens), 16 calibration chunks (2,048 tokens), all layers,
+EESB exits 8/12/16/24 with branches trained for a wall-clock budget ($AIFLOW_FAMILY_TRAIN_S, 1500 s).
+EESB members and direct heads are scored from one backbone pass per batch (identical by the shared
+layers; cross-checked against one member's own forward: ``shared_pass_vs_member_forward_diff``).
 """
 
 from __future__ import annotations
@@ -47,17 +50,19 @@ SEQ_LEN = 128
 
 def _eq3_rel_error(model, grams: dict[str, torch.Tensor], batches: list[torch.Tensor], layer: int) -> float:
     """Eq. 3 checked against the real inputs X of two linears, captured by an independent hook."""
+    names = [f"model.layers.{layer}.self_attn.q_proj", f"model.layers.{layer}.mlp.down_proj"]
+    captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    handles = [model.get_submodule(n).register_forward_hook(
+        lambda m, a, o, n=n: captured[n].append(a[0].detach().reshape(-1, a[0].shape[-1]).double())) for n in names]
+    with torch.no_grad():
+        for b in batches:
+            model(input_ids=b, use_cache=False)
+    for h in handles:
+        h.remove()
     worst = 0.0
-    for name in ["self_attn.q_proj", "mlp.down_proj"]:
-        path = f"model.layers.{layer}.{name}"
+    for path in names:
         linear = model.get_submodule(path)
-        captured: list[torch.Tensor] = []
-        handle = linear.register_forward_hook(lambda m, a, o: captured.append(a[0].detach().reshape(-1, a[0].shape[-1]).double()))
-        with torch.no_grad():
-            for b in batches:
-                model(input_ids=b, use_cache=False)
-        handle.remove()
-        x = torch.cat(captured)
+        x = torch.cat(captured[path])
         w = linear.weight.detach().double()
         fac = factorize(linear.weight, grams[path])
         for ratio in (0.25, 0.6):
@@ -67,6 +72,38 @@ def _eq3_rel_error(model, grams: dict[str, torch.Tensor], batches: list[torch.Te
             predicted = fac.dropped_energy(rank)
             worst = max(worst, abs(measured - predicted) / predicted)
     return worst
+
+
+def _evaluate_exits(family, exits: list[int], batches: list[torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Every EESB member and the direct head at each exit from ONE backbone pass per batch.
+
+    The members' first ``exit`` layers are the backbone's (tested bit-exact in tests/test_family.py),
+    so member(x) = head(branch(h_exit)) and head-baseline(x) = head(h_exit) with h_exit from the
+    backbone's hidden states; :func:`run` cross-checks one member against its own forward."""
+    import math
+
+    import torch.nn.functional as F
+
+    from aiflow_fl.layers import head, positions, run_layers
+
+    main = family.build("full")
+    branches = {e: family.build(MemberSpec(f"eesb@{e}", "eesb", exit=e, ratio=1.0)).model.layers[e] for e in exits}
+    sums = {f"{kind}-{e}": [0.0, 0, 0] for e in exits for kind in ("eesb", "head")}
+    with torch.inference_mode():
+        for ids in batches:
+            out = main(input_ids=ids, output_hidden_states=True, use_cache=False)
+            pos = positions(0, ids.shape[1])
+            target = ids[:, 1:]
+            for e in exits:
+                h = out.hidden_states[e]
+                for kind, logits in (("head", head(main, h)),
+                                     ("eesb", head(main, run_layers(main, h, 0, 1, pos, layers=[branches[e]])))):
+                    lg = logits[:, :-1].float()
+                    acc = sums[f"{kind}-{e}"]
+                    acc[0] += float(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), target.reshape(-1), reduction="sum"))
+                    acc[1] += int((lg.argmax(-1) == target).sum())
+                    acc[2] += target.numel()
+    return {k: {"ppl": math.exp(v[0] / v[2]), "top1_acc": v[1] / v[2], "tokens": v[2]} for k, v in sums.items()}
 
 
 def _plot(eesb: dict, hpcd: dict, path) -> None:
@@ -99,8 +136,8 @@ def run(quick: bool = False) -> dict[str, Any]:
     loaded = load_backbone(DEFAULT_MODEL)
     model, tok = loaded.model, loaded.tokenizer
     num_layers = model.config.num_hidden_layers
-    heldout = heldout_batches(tok, SEQ_LEN, 4, 4 if quick else 64)
-    cal_cfg = 4 if quick else 32
+    heldout = heldout_batches(tok, SEQ_LEN, 4, 4 if quick else 16)
+    cal_cfg = 4 if quick else 16
     calib = list(itertools.islice(training_batches(tok, SEQ_LEN, 4, seed=7), cal_cfg // 4))
     svd_layers = [12] if quick else list(range(num_layers))
     svd_ratio = 0.8 if not quick else 0.6
@@ -111,7 +148,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     build_start = time.perf_counter()
     grams = calibrate(model, calib, layers=sorted(set(svd_layers) | set(exits)), total=len(calib))
     calibrate_s = time.perf_counter() - build_start
-    eq3 = _eq3_rel_error(model, grams, calib, 12)
+    eq3 = _eq3_rel_error(model, grams, calib[:2], 12)
 
     whitened = evaluate_lm(decompose_model(model, grams, svd_ratio, svd_layers), heldout)
     plain = evaluate_lm(decompose_model(model, None, svd_ratio, svd_layers), heldout)
@@ -136,11 +173,16 @@ def run(quick: bool = False) -> dict[str, Any]:
     steps = int(history["steps_done"][0])
 
     full = family.spec("full")
+    exit_scores = _evaluate_exits(family, exits, heldout)
+    # cross-check the shared-pass evaluation against one member's own transformers forward
+    check_spec = [s for s in family.members.values() if s.kind == "eesb"][-1]
+    own = evaluate_lm(family.build(check_spec.name), heldout[:1])
+    shared = _evaluate_exits(family, [check_spec.exit], heldout[:1])[f"eesb-{check_spec.exit}"]
+    consistency = abs(own["top1_acc"] - shared["top1_acc"]) + abs(own["ppl"] - shared["ppl"]) / own["ppl"]
     eesb: dict[str, dict[str, Any]] = {}
     for spec in [s for s in family.members.values() if s.kind == "eesb"]:
-        scores = evaluate_lm(family.build(spec.name), heldout)
+        scores, baseline = exit_scores[f"eesb-{spec.exit}"], exit_scores[f"head-{spec.exit}"]
         baseline_spec = head_member(family, spec.exit)
-        baseline = evaluate_lm(family.build(baseline_spec), heldout)
         eesb[spec.name] = {
             "exit": spec.exit,
             "ratio": round(spec.ratio, 4),
@@ -188,6 +230,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                             "main": tcfg.main, "kl_weight": tcfg.kl_weight, "lr": tcfg.lr,
                             "final_unit_ce": {k: v[-1] for k, v in history.items() if k.startswith("eesb") and v}},
         "threads": torch.get_num_threads(),
+        "shared_pass_vs_member_forward_diff": consistency,
         "plot": str(plot),
     }
     _print(console, result)
