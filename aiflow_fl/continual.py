@@ -282,8 +282,8 @@ class StageEvaluator:
         return self._heldout[source]
 
     @torch.no_grad()
-    def __call__(self, merged: Any, upto_stage: int) -> dict[int, float]:
-        """{stage: next-token accuracy} for stages 0..upto_stage, with ``merged`` folded into the member."""
+    def metrics(self, merged: Any, upto_stage: int) -> dict[int, dict[str, float]]:
+        """{stage: held-out loss/accuracy} for stages 0..upto_stage, ``merged`` folded into the member."""
         from aiflow_fl.federated.local import evaluate
         from aiflow_fl.federated.lora import fold_base
         from aiflow_fl.federated.member import load_member
@@ -291,9 +291,12 @@ class StageEvaluator:
         member = load_member(self.cfg, self.member)
         if merged is not None:
             fold_base(member.model, member, merged)
-        return {stage: evaluate(member.model, self.heldout(stage, member.tokenizer),
-                                self.cfg.train.eval_batch_size)["eval-accuracy"]
+        return {stage: evaluate(member.model, self.heldout(stage, member.tokenizer), self.cfg.train.eval_batch_size)
                 for stage in range(upto_stage + 1)}
+
+    def __call__(self, merged: Any, upto_stage: int) -> dict[int, float]:
+        """{stage: next-token accuracy} for stages 0..upto_stage."""
+        return {stage: m["eval-accuracy"] for stage, m in self.metrics(merged, upto_stage).items()}
 
 
 # --------------------------------------------------------------------------- metrics

@@ -11,8 +11,8 @@ device starts from the global model with a fresh LoRA (``base`` = the global upd
 the server averages the devices' products exactly (``aiflow_fl.aggregation.flexlora.aggregate``,
 the ``fedavg`` strategy's rule) and folds the mean into the global update.
 
-Model: the embedded SmolLM2-135M-Instruct as an early-exit member of 2 layers (see :func:`settings`);
---quick runs fewer examples, rounds and steps. Most of the time goes to the 49k-token LM head.
+Models: the embedded SmolLM2-135M-Instruct — an early-exit member of 2 layers for the DP runs, the whole
+model for the stream runs (see :func:`settings`); --quick runs fewer examples, rounds and steps.
 
 Figures: ``dp_epsilon`` (the largest ε any device reports after the whole run for the ε ≤ 8 run,
 δ = ``dp_delta``), ``heldout_acc_untrained``, ``heldout_acc_no_dp``, ``heldout_acc_dp`` (ε ≤ 8),
@@ -41,11 +41,14 @@ DELTA = 1e-5
 
 
 def settings(quick: bool) -> dict[str, Any]:
-    """The embedded SmolLM2-135M-Instruct as an early-exit member of 2 layers (``exit-2``: the LM head
-    reads layer 2's features), LoRA on every linear of those layers. Its untrained next-token accuracy
-    is low, so a few federated rounds show a clear gain — the quantity DP has to preserve."""
-    common = dict(model="smollm2-135m-instruct", member="exit-2", seq_len=32, heldout=32, batch=8, lr=1e-2,
-                  devices=2, targets="[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]")
+    """DP runs: the embedded SmolLM2-135M-Instruct as an early-exit member of 2 layers (``exit-2``: the LM
+    head reads layer 2's features), LoRA on every linear of those layers; its untrained accuracy is
+    low, so a few rounds show a clear gain — the quantity DP has to preserve. Stream runs: the whole
+    model (``full``), which is already good on both domains, so training on the second domain can
+    visibly cost accuracy on the first (a broken early-exit member improves on any text)."""
+    common = dict(model="smollm2-135m-instruct", member="exit-2", seq_len=32, heldout=32, batch=16, lr=1e-2,
+                  devices=2, targets="[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
+                  continual_member="full", continual_lr=2e-3, continual_batch=8)
     if quick:
         return common | dict(examples=48, rounds=2, steps=3, continual_rounds=2, continual_steps=3)
     return common | dict(examples=96, rounds=3, steps=5, continual_rounds=4, continual_steps=4)
@@ -92,19 +95,31 @@ def run_federation(cfg: AiflowConfig, evaluate: Any) -> dict[str, Any]:
     return {"evals": evals, "devices": device_metrics}
 
 
-def central_accuracy(cfg: AiflowConfig):
+def central_eval(cfg: AiflowConfig):
+    """(accuracy, loss) of the member on the central held-out set of ``data.source``."""
     from aiflow_fl.federated.central import CentralEvaluator
 
     evaluator = CentralEvaluator(cfg)
-    return lambda merged, _round: evaluator(merged)["eval-accuracy"]
+
+    def run(merged: Any, _round: int) -> tuple[float, float]:
+        m = evaluator(merged)
+        return m["eval-accuracy"], m["eval-loss"]
+
+    return run
 
 
-def stage_accuracy(cfg: AiflowConfig):
+def stage_eval(cfg: AiflowConfig):
+    """{stage: (accuracy, loss)} on the held-out data of every stage seen by round ``r``."""
     from aiflow_fl.continual import StageEvaluator, stage_of_round
 
     evaluator = StageEvaluator(cfg)
     rounds, stages = cfg.federation.rounds, cfg.continual.stages
-    return lambda merged, r: evaluator(merged, stage_of_round(max(r, 1), rounds, stages))
+
+    def run(merged: Any, r: int) -> dict[int, tuple[float, float]]:
+        metrics = evaluator.metrics(merged, stage_of_round(max(r, 1), rounds, stages))
+        return {j: (m["eval-accuracy"], m["eval-loss"]) for j, m in metrics.items()}
+
+    return run
 
 
 def plot(path: Path, dp_runs: dict[str, dict], continual_runs: dict[str, dict]) -> None:
@@ -116,7 +131,7 @@ def plot(path: Path, dp_runs: dict[str, dict], continual_runs: dict[str, dict]) 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     ax = axes[0]
     for label, run in dp_runs.items():
-        ax.plot(range(len(run["evals"])), run["evals"], marker="o", label=label)
+        ax.plot(range(len(run["evals"])), [a for a, _ in run["evals"]], marker="o", label=label)
     ax.set(xlabel="round", ylabel="central held-out next-token accuracy", title="accuracy with and without DP")
     ax.legend(fontsize=8)
     ax = axes[1]
@@ -133,7 +148,7 @@ def plot(path: Path, dp_runs: dict[str, dict], continual_runs: dict[str, dict]) 
     for (label, run), style in zip(continual_runs.items(), ("-", "--")):
         history = run["evals"][1:]
         for stage in sorted({j for h in history for j in h}):
-            points = [(r + 1, h[stage]) for r, h in enumerate(history) if stage in h]
+            points = [(r + 1, h[stage][0]) for r, h in enumerate(history) if stage in h]
             xs, ys = zip(*points)
             ax.plot(xs, ys, style, marker="o", label=f"{label}: stage {stage}")
     ax.set(xlabel="round", ylabel="held-out accuracy of the stage", title="two-stage stream: pydoc → stdlib")
@@ -159,7 +174,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     ):
         cfg = make_config(s, *extra)
         t0 = time.perf_counter()
-        dp_runs[label] = run_federation(cfg, central_accuracy(cfg))
+        dp_runs[label] = run_federation(cfg, central_eval(cfg))
         dp_runs[label]["seconds"] = time.perf_counter() - t0
 
     continual_runs: dict[str, dict] = {}
@@ -167,42 +182,52 @@ def run(quick: bool = False) -> dict[str, Any]:
                           ("replay", ["continual.replay=reservoir", "continual.replay_fraction=0.5",
                                       "continual.buffer_size=32"])):
         cfg = make_config(s, f"federation.rounds={s['continual_rounds']}", f"train.local_steps={s['continual_steps']}",
-                          "continual.enabled=true",
+                          f"federation.members=[{s['continual_member']}]", f"train.lr={s['continual_lr']}",
+                          f"train.batch_size={s['continual_batch']}", "continual.enabled=true",
                           "continual.stages=2", "continual.domains=[pydoc,stdlib]", *replay)
         t0 = time.perf_counter()
-        continual_runs[label] = run_federation(cfg, stage_accuracy(cfg))
+        continual_runs[label] = run_federation(cfg, stage_eval(cfg))
         continual_runs[label]["seconds"] = time.perf_counter() - t0
 
-    untrained = dp_runs["no DP"]["evals"][0]
-    acc = {label: run["evals"][-1] for label, run in dp_runs.items()}
+    untrained, untrained_loss = dp_runs["no DP"]["evals"][0]
+    acc = {label: run["evals"][-1][0] for label, run in dp_runs.items()}
+    loss = {label: run["evals"][-1][1] for label, run in dp_runs.items()}
     eps = {label: max(m["dp-epsilon"] for m in run["devices"][-1]) for label, run in dp_runs.items() if label != "no DP"}
     sigma = {label: run["devices"][-1][0]["dp-noise-multiplier"] for label, run in dp_runs.items() if label != "no DP"}
     gain = acc["no DP"] - untrained
     kept = (acc["DP ε≤8"] - untrained) / gain if gain > 0 else float("nan")
-    forget = {label: forgetting(run["evals"][1:]).get(0, float("nan")) for label, run in continual_runs.items()}
-    final_stage = {label: run["evals"][-1] for label, run in continual_runs.items()}
+    loss_gain = untrained_loss - loss["no DP"]
+    kept_loss = (untrained_loss - loss["DP ε≤8"]) / loss_gain if loss_gain > 0 else float("nan")
+    # Forgetting of stage 0 after the stage-1 rounds: by accuracy (the issue's figure) and by loss.
+    forget = {label: forgetting([{j: a for j, (a, _) in h.items()} for h in run["evals"][1:]]).get(0, float("nan"))
+              for label, run in continual_runs.items()}
+    forget_loss = {label: forgetting([{j: -l for j, (_, l) in h.items()} for h in run["evals"][1:]]).get(0, float("nan"))
+                   for label, run in continual_runs.items()}
+    final_stage = {label: {j: a for j, (a, _) in run["evals"][-1].items()} for label, run in continual_runs.items()}
 
     out_dir = results_dir("privacy")
     plot(out_dir / "privacy.png", dp_runs, continual_runs)
 
-    table = Table(title=f"privacy + continual (SmolLM2 {s['member']} member{', quick' if quick else ''}, "
+    table = Table(title=f"privacy (SmolLM2 {s['member']}) + stream ({s['continual_member']}){', quick' if quick else ''}, "
                         f"{s['devices']} devices, {s['rounds']} rounds × {s['steps']} steps, batch {s['batch']})")
-    for col in ("run", "σ", f"ε (δ={DELTA:g})", "held-out acc", "gain kept", "s"):
+    for col in ("run", "σ", f"ε (δ={DELTA:g})", "held-out acc", "held-out loss", "acc gain kept", "s"):
         table.add_column(col)
-    table.add_row("untrained member", "", "", f"{untrained:.4f}", "", "")
+    table.add_row("untrained member", "", "", f"{untrained:.4f}", f"{untrained_loss:.3f}", "", "")
     for label, run in dp_runs.items():
         g = (acc[label] - untrained) / gain if gain > 0 else float("nan")
         table.add_row(label, f"{sigma.get(label, 0):.3f}" if label in sigma else "-",
-                      f"{eps[label]:.3f}" if label in eps else "∞", f"{acc[label]:.4f}", f"{g:.1%}",
-                      f"{run['seconds']:.0f}")
+                      f"{eps[label]:.3f}" if label in eps else "∞", f"{acc[label]:.4f}", f"{loss[label]:.3f}",
+                      f"{g:.1%}", f"{run['seconds']:.0f}")
     for label, run in continual_runs.items():
         accs = ", ".join(f"stage {j}: {a:.4f}" for j, a in sorted(final_stage[label].items()))
-        table.add_row(f"stream, {label}", "", "", accs, f"forgetting {forget[label]:.4f}", f"{run['seconds']:.0f}")
+        table.add_row(f"stream, {label}", "", "", accs, f"forgetting (loss) {forget_loss[label]:.3f}",
+                      f"forgetting {forget[label]:.4f}", f"{run['seconds']:.0f}")
     console.print(table)
 
     return {
         "model": s["model"],
         "member": s["member"],
+        "continual_member": s["continual_member"],
         "devices": s["devices"],
         "rounds": s["rounds"],
         "local_steps": s["steps"],
@@ -216,8 +241,14 @@ def run(quick: bool = False) -> dict[str, Any]:
         "heldout_acc_dp": acc["DP ε≤8"],
         "heldout_acc_dp_strong": acc["DP ε≤1"],
         "dp_gain_kept": kept,
+        "heldout_loss_untrained": untrained_loss,
+        "heldout_loss_no_dp": loss["no DP"],
+        "heldout_loss_dp": loss["DP ε≤8"],
+        "dp_loss_gain_kept": kept_loss,
         "forgetting_no_replay": forget["no replay"],
         "forgetting_replay": forget["replay"],
+        "forgetting_loss_no_replay": forget_loss["no replay"],
+        "forgetting_loss_replay": forget_loss["replay"],
         "stage_acc_no_replay": {str(k): v for k, v in final_stage["no replay"].items()},
         "stage_acc_replay": {str(k): v for k, v in final_stage["replay"].items()},
         "plot": str(out_dir / "privacy.png"),
