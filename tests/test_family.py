@@ -25,6 +25,15 @@ from aiflow_fl.family.budget import budget_from_fraction, exit_and_ratio, explic
 from aiflow_fl.family.members import count_member, skeleton
 from aiflow_fl.models import tiny_model
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on this shared 2-core machine two threads run these small ops ~5x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -184,7 +193,7 @@ def test_budget_picks_last_exit_that_fits_and_fills_it(tiny):
         assert ratio == 1.0 or budget - used < step
     exit_layer, ratio = exit_and_ratio(sizes, sizes.fixed + 2 * sizes.layer + sizes.branch(0.3))
     assert exit_layer == 2 and abs(sizes.branch(ratio) - sizes.branch(0.3)) < sum(m + n for m, n, _ in sizes.linears.values())
-    # the spec of the built member matches the size model
+
 
 def test_built_member_size_matches_the_size_model(tiny, family):
     sizes = size_model(tiny.config)
@@ -204,6 +213,7 @@ def test_built_member_size_matches_the_size_model(tiny, family):
         (lambda s: explicit_eesb(s, 1, 1.2), ["1.2", "(0, 1]"]),
     ],
 )
+
 def test_bad_budgets_exits_ratios_name_value_and_range(tiny, call, words):
     with pytest.raises(AiflowError) as info:
         call(size_model(tiny.config))

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from aiflow_fl.cli import app
 from aiflow_fl.errors import AiflowError
 from aiflow_fl.family import load_member
 from aiflow_fl.models import tiny_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on this shared 2-core machine two threads run these small ops ~5x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,15 @@ from aiflow_fl.family import family_from_backbone
 from aiflow_fl.family.split import resume, run_prefix
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on this shared 2-core machine two threads run these small ops ~5x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def tiny(request):
     from aiflow_fl.models import tiny_model
