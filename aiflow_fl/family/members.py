@@ -191,8 +191,18 @@ def module_path(spec: MemberSpec, key: str, backbone_layers: int) -> str | None:
 # ----------------------------------------------------------------------------------------------------
 
 
+_SHAPES: dict[str, dict[str, tuple[int, int, bool]]] = {}
+
+
 def linear_shapes(config: PretrainedConfig) -> dict[str, tuple[int, int, bool]]:
     """``{linear name in a layer: (out, in, has_bias)}`` for one decoder layer of this config."""
+    key = member_config(config, 1).to_json_string()
+    if key not in _SHAPES:
+        _SHAPES[key] = _linear_shapes(config)
+    return _SHAPES[key]
+
+
+def _linear_shapes(config: PretrainedConfig) -> dict[str, tuple[int, int, bool]]:
     with torch.device("meta"):
         layer_model = AutoModelForCausalLM.from_config(member_config(config, 1))
     layer = layer_model.model.layers[0]
@@ -216,8 +226,9 @@ def store_keys(
     ``branch_ranks[exit][linear name]`` are the stored (largest) branch ranks; a partial member keeps
     the first ``rank_for_ratio(ratio)`` of them. ``hpcd_ranks[linear path]`` are component ranks.
     """
+    if spec.kind not in KINDS:
+        raise AiflowError(f"Member kind '{spec.kind}' is not one of: {', '.join(KINDS)}.")
     shapes = linear_shapes(config)
-    backbone_layers = config.num_hidden_layers
     mapping: dict[str, tuple[str, int | None, int]] = {}
     ranks: dict[str, list[int]] = {}
     for key in backbone_keys:
@@ -259,9 +270,6 @@ def store_keys(
                 mapping[f"model.layers.{spec.exit}.{linear}.vs.0"] = (f"branch.{spec.exit}.{linear}.vs.0", prefix, 0)
             else:
                 mapping[member_key] = (f"branch.{spec.exit}.{rest}", None, 0)
-    if spec.kind not in KINDS:
-        raise AiflowError(f"Member kind '{spec.kind}' is not one of: {', '.join(KINDS)}.")
-    _ = backbone_layers
     return mapping, ranks
 
 
