@@ -243,3 +243,24 @@ def test_early_exit_model_shares_weights_and_bad_exits_raise():
         early_exit_members(model, [3, 2])
     with pytest.raises(AiflowError, match="1 to 3"):
         local_chain([Member("full", model, 4)] * 4)
+
+
+def test_family_members_chain_equals_generate_of_the_full_member(tmp_path, tokenizer):
+    """Real EESB members from a family folder (branch layers, whitened-SVD): device -> edge -> full,
+    with familial reuse, equals generate() of the full member; the CLI's default member choice."""
+    from aiflow_fl.config import FamilyConfig, load_config
+    from aiflow_fl.family.family import family_from_backbone, load_member
+    from aiflow_fl.serving.commands import build_chain
+
+    model = scrambled("llama", vocab=49152, std=0.05)
+    batches = [torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    family = family_from_backbone(model, tokenizer, FamilyConfig(kind="eesb", exits=[2, 4], ratios=[0.5, 0.5]), batches=batches)
+    family.save(tmp_path / "family")
+    full, _, _ = load_member(tmp_path / "family", "full")
+    ids = torch.randint(3, 500, (1, 8), generator=torch.Generator().manual_seed(9))
+    for reuse in (True, False):
+        cfg = load_config([f"serving.reuse={reuse}", "serving.draft_len=3", "serving.cloud_block=3"])
+        chain, _ = build_chain(cfg, ["device", "edge", "cloud"], family=str(tmp_path / "family"))
+        assert [s.tier.name for s in chain.slots] == ["eesb-0", "eesb-1", "full"]
+        assert [s.tier.entry for s in chain.slots] == ([0, 2, 4] if reuse else [0, 0, 0])
+        assert chain.generate(ids, 16).tokens == reference(full, ids, 16)

@@ -137,6 +137,7 @@ class Chain:
         self._reset(input_ids.view(-1).tolist())
         prompt_len = emitted = len(self.seq)
         pool = ThreadPoolExecutor(1, initializer=self._pin, initargs=(1,)) if self.pipelined else None
+        affinity = os.sched_getaffinity(0) if self.cores and hasattr(os, "sched_getaffinity") else None
         self._pin(0)
         in_flight: tuple[Job, Future] | None = None
         gamma, start_time = self.draft_len, time.perf_counter()
@@ -164,6 +165,8 @@ class Chain:
         finally:
             if pool is not None:
                 pool.shutdown(wait=True)
+            if affinity is not None:
+                os.sched_setaffinity(0, affinity)
         new = self.seq[prompt_len:self.slots[-1].approved][:max_new_tokens]
         for i, token in enumerate(new):
             if token in self.eos:
