@@ -113,6 +113,28 @@ def chain_runner(members: list[Member], eos: list[int], reuse: bool, pipelined: 
     return run
 
 
+def remote_runner(device: Member, eos: list[int], url: str) -> Callable:
+    """device here (core 0) -> the full model in its own `aiflow serve` process (core 1), pipelined,
+    with familial reuse: hidden states at the device's exit cross the loopback link."""
+    from aiflow_fl.serving.chain import Chain
+    from aiflow_fl.serving.members import LocalTier, draft_vocabulary
+    from aiflow_fl.serving.server import RemoteTier
+
+    vocab = draft_vocabulary(device.model.config.vocab_size, DRAFT_VOCAB, eos)
+    link = Link("device->full(process)")
+    chain = Chain([LocalTier(device, 0, vocab, draft=True), RemoteTier(url, entry=device.exit_layer, timeout_s=120)],
+                  links=[link], eos_token_ids=eos, draft_len=3, adaptive=True, min_draft=1, max_draft=8,
+                  pipelined=True, cores=[0, 1], confidence=CONFIDENCE)
+
+    def run(ids: torch.Tensor, n: int) -> tuple[list[int], dict]:
+        link.reset_stats()
+        chain.draft_len = 3
+        result = chain.generate(ids, n)
+        return result.tokens, result.stats
+
+    return run
+
+
 def _pin_main(cores: set[int] | None) -> None:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cores or set(range(os.cpu_count() or 1)))
@@ -129,11 +151,12 @@ def run(quick: bool = False) -> dict[str, Any]:
     members, family_note = build_members(backbone, tok, exits, quick)
     device, edge, full = members
     eos = eos_ids(backbone, tok)
-    prompts = PROMPTS[:1] if quick else PROMPTS
-    max_new = 16 if quick else 64
+    prompts = PROMPTS[:1] if quick else PROMPTS[:4]
+    max_new = 16 if quick else 48
     reps = 1 if quick else 3
     inputs = [chat_input_ids(tok, p) for p in prompts]
     two, three = [device, full], [device, edge, full]
+    server = None
     rows = [
         Row("target-only", "seq", "full", "-", hf_runner(backbone, eos)),
         Row("hf-assisted", "seq", "device->full", "-", hf_runner(backbone, eos, device.model)),
@@ -154,26 +177,45 @@ def run(quick: bool = False) -> dict[str, Any]:
             Row("3-tier pipelined", "pipe", "device->edge->full", "zero", chain_runner(three, eos, True, True, False)),
             Row("2-tier pipelined no-reuse", "pipe", "device->full", "zero", chain_runner(two, eos, False, True, False)),
         ]
+        if (os.cpu_count() or 1) >= 2:  # the verifier as its own process, pinned to core 1
+            from aiflow_fl.serving.commands import start_server
 
-    def placed(row: Row) -> None:
-        if row.placement == "pipe":
-            torch.set_num_threads(1)
-            _pin_main({0} if row.name.startswith("target") else None)
-        else:
-            torch.set_num_threads(min(2, threads_before) if threads_before > 1 else 1)
-            _pin_main(None)
+            server, url = start_server(["--tier", "cloud", "--model", cfg.model.name, "--core", "1", "--threads", "1"], timeout_s=300)
+            rows.append(Row("2-tier multi-process pipelined", "pipe", "device->full(process)", "loopback", remote_runner(device, eos, url)))
 
+    try:
+        _measure(rows, inputs, reps, max_new, threads_before)
+    finally:
+        if server is not None:
+            from aiflow_fl.serving.commands import stop_server
+
+            stop_server(server)
+    torch.set_num_threads(threads_before)
+    _pin_main(None)
+    return _summarize(rows, prompts, max_new, reps, family_note)
+
+
+def _placed(row: Row, threads_before: int) -> None:
+    if row.placement == "pipe":
+        torch.set_num_threads(1)
+        _pin_main({0} if row.name.startswith("target") else None)
+    else:
+        torch.set_num_threads(min(2, threads_before) if threads_before > 1 else 1)
+        _pin_main(None)
+
+
+def _measure(rows: list[Row], inputs: list[torch.Tensor], reps: int, max_new: int, threads_before: int) -> None:
     from rich.progress import Progress
 
     with Progress(transient=True) as progress:
         task = progress.add_task("specdec", total=len(rows) * (reps * len(inputs) + 1))
         for row in rows:  # warm-up: caches, allocator, first-call overheads
-            placed(row)
+            _placed(row, threads_before)
             row.run(inputs[0][:, :], 4)
             progress.advance(task)
         for rep in range(reps):
             for row in rows:  # interleaved, so load changes hit every configuration alike
-                placed(row)
+                _placed(row, threads_before)
                 tokens, seconds, outs, stats = 0, 0.0, [], []
                 for ids in inputs:
                     start = time.perf_counter()
@@ -186,9 +228,9 @@ def run(quick: bool = False) -> dict[str, Any]:
                 row.tokens_per_s.append(tokens / seconds)
                 if rep == 0:
                     row.outputs, row.stats = outs, stats
-    torch.set_num_threads(threads_before)
-    _pin_main(None)
 
+
+def _summarize(rows: list[Row], prompts: list[str], max_new: int, reps: int, family_note: str) -> dict[str, Any]:
     reference = rows[0].outputs
     results = []
     for row in rows:
