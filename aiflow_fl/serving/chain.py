@@ -237,6 +237,17 @@ class Chain:
             slot.calls += 1
             self.unsure = False if job.g == 1 else self.unsure
             self._check(job.g)
+            self._prune()
+
+    def _prune(self) -> None:
+        """Forget what no tier can need again: predictions before the lowest approved prefix, and exit
+        hidden states the next tier has already consumed (a rollback recomputes from its position)."""
+        floor = min(s.approved for s in self.slots) - 1
+        for i, slot in enumerate(self.slots):
+            consumed = self.slots[i + 1].done if i + 1 < len(self.slots) else slot.done + 1
+            for store, below in ((slot.preds, floor), (slot.hidden, consumed)):
+                for p in [p for p in store if p < below]:
+                    del store[p]
 
     def _check(self, g: int) -> None:
         """Tier g verifies the tokens the tier below approved, up to what it has predictions for."""
