@@ -246,21 +246,21 @@ def test_early_exit_model_shares_weights_and_bad_exits_raise():
 
 
 def test_family_members_chain_equals_generate_of_the_full_member(tmp_path, tokenizer):
-    """Real EESB members from a family folder (branch layers, whitened-SVD): device -> edge -> full,
-    with familial reuse, equals generate() of the full member; the CLI's default member choice."""
+    """Real EESB members from a family folder (branch layers, whitened SVD): device -> edge -> full,
+    with and without familial reuse, equals generate() of the full member; default member choice."""
     from aiflow_fl.config import FamilyConfig, load_config
     from aiflow_fl.family.family import family_from_backbone, load_member
     from aiflow_fl.serving.commands import build_chain
 
-    model = scrambled("llama", vocab=49152, std=0.05)
+    model = scrambled("llama", std=0.05)  # 512-id vocabulary; the tokenizer is only stored, never used
     batches = [torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(i)) for i in range(2)]
     family = family_from_backbone(model, tokenizer, FamilyConfig(kind="eesb", exits=[2, 4], ratios=[0.5, 0.5]), batches=batches)
-    family.save(tmp_path / "family")
-    full, _, _ = load_member(tmp_path / "family", "full")
+    folder = family.save(tmp_path / "family")
+    full = load_member(folder, "full")[0]
     ids = torch.randint(3, 500, (1, 8), generator=torch.Generator().manual_seed(9))
     for reuse in (True, False):
         cfg = load_config([f"serving.reuse={reuse}", "serving.draft_len=3", "serving.cloud_block=3"])
-        chain, _ = build_chain(cfg, ["device", "edge", "cloud"], family=str(tmp_path / "family"))
+        chain, _ = build_chain(cfg, ["device", "edge", "cloud"], family=str(folder))
         assert [s.tier.name for s in chain.slots] == ["eesb-0", "eesb-1", "full"]
         assert [s.tier.entry for s in chain.slots] == ([0, 2, 4] if reuse else [0, 0, 0])
         assert chain.generate(ids, 16).tokens == reference(full, ids, 16)
