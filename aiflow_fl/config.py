@@ -112,6 +112,7 @@ class FederationConfig:
     num_edges: int = 2
     min_clients: int = 1  # the run fails only when fewer than this many clients report
     fraction_train: float = 1.0
+    fraction_evaluate: float = 0.0  # share of devices that also evaluate on their own held-out data each round
     client_cpus: float = 1.0
     client_timeout_s: float = 600.0
     # Per-device member and LoRA rank, cycled over devices (device i gets members[i % len]).

@@ -58,6 +58,17 @@ def _client_summary(metrics: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def _weighted_eval(metrics: list[dict[str, Any]]) -> dict[str, float]:
+    """Devices' held-out loss and accuracy, weighted by their held-out sizes."""
+    weights = [float(m.get("num-examples", 0)) for m in metrics]
+    total = sum(weights) or 1.0
+    return {
+        "devices": len(metrics),
+        "eval-loss": sum(w * float(m["eval-loss"]) for w, m in zip(weights, metrics)) / total,
+        "eval-accuracy": sum(w * float(m["eval-accuracy"]) for w, m in zip(weights, metrics)) / total,
+    }
+
+
 def run_server(grid: Grid, cfg: AiflowConfig, progress: Any = None) -> ServerSummary:
     """Run (or resume) a federated fine-tuning run on ``grid`` (see the module docstring)."""
     from aiflow_fl.continual import RoundReporter, check_run_config, plot_run_folder
@@ -81,7 +92,7 @@ def run_server(grid: Grid, cfg: AiflowConfig, progress: Any = None) -> ServerSum
         folder.plot()
         return ServerSummary(folder.path, done, done)
 
-    strategy = build_strategy(cfg)
+    strategy = build_strategy(cfg, fraction_evaluate=cfg.federation.fraction_evaluate)
     if cfg.privacy.server_side:
         from aiflow_fl.privacy import apply_server_side
 
@@ -119,6 +130,9 @@ def run_server(grid: Grid, cfg: AiflowConfig, progress: Any = None) -> ServerSum
                     "clients-failed": sum(h["clients-failed"] for h in history) + sum("timed out" in f for f in failures),
                     "failures": failures})
         folder.log({"round": cloud_round, "kind": "eval", **metrics})
+        device_evals = watched.eval_metrics.get(watched.round_offset + flower_round, [])
+        if device_evals:  # the devices' own held-out data: their domains
+            folder.log({"round": cloud_round, "kind": "device-eval", **_weighted_eval(device_evals)})
         for record in reporter.records(cloud_round, [m for r in train_rounds for m in watched.client_metrics.get(r, [])], merged):
             folder.log(record)
         tensors = {k: arrays[k].numpy() for k in arrays.keys()}

@@ -36,7 +36,7 @@ def test_faulty_clients_are_left_out_and_the_run_fails_clearly_below_min_clients
     federation.min_clients=2 -> a clear error, with the finished rounds' metrics and checkpoints kept."""
     run_dir = tmp_path / "run"
     cfg = config_for(tiny_overrides(tiny_dir, run_dir, "federation.num_devices=4", "federation.rounds=3",
-                                    "federation.min_clients=2"))
+                                    "federation.min_clients=2", "federation.fraction_evaluate=1.0"))
     faults = {
         0: {"fault": "raise", "fault-rounds": "1,3"},
         1: {"fault": "nan", "fault-rounds": "1,3"},
@@ -66,3 +66,22 @@ def test_faulty_clients_are_left_out_and_the_run_fails_clearly_below_min_clients
     assert merged.server_round == 2 and any(abs(v).sum() > 0 for k, v in merged.tensors.items() if k.endswith("::B"))
     assert evals[-1]["eval-loss/exit-4"] != evals[0]["eval-loss/exit-4"]
     assert "exit-4" in (run_dir / "config.yaml").read_text()
+    # Every device also evaluated the global update on its own held-out data (the ClientApp's evaluate).
+    device_evals = folder.records("device-eval")
+    assert [(r["round"], r["devices"]) for r in device_evals] == [(1, 4), (2, 4)]
+    assert all(0.0 <= r["eval-accuracy"] <= 1.0 and r["eval-loss"] > 0 for r in device_evals)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_client_that_hangs_is_left_out_after_the_timeout(tiny_dir, tmp_path):
+    """One of two devices sleeps past federation.client_timeout_s: the round goes on without it.
+
+    (Ray ends the simulation only once the sleeping call returns, so the sleep is kept short.)"""
+    run_dir = tmp_path / "run"
+    cfg = config_for(tiny_overrides(tiny_dir, run_dir, "federation.num_devices=2", "federation.rounds=1",
+                                    "federation.client_timeout_s=75"))
+    simulate(cfg, show_progress=False, node_overrides={1: {"fault": "hang", "fault-seconds": 95}})
+    train = RunFolder(run_dir).records("train")
+    assert [(t["clients-ok"], t["clients-failed"]) for t in train] == [(1, 1)]
+    assert any("timed out after 75 s" in f for f in train[0]["failures"])

@@ -36,6 +36,7 @@ class WatchedGrid(Grid):
         self.train_rounds = 0
         self.client_metrics: dict[int, list[dict[str, float]]] = {}  # train round -> replies' metrics
         self.failures: dict[int, list[str]] = {}  # train round -> why nodes were left out
+        self.eval_metrics: dict[int, list[dict[str, float]]] = {}  # round -> devices' own held-out metrics
         self._task = None
 
     # ---- plain delegation (abstract methods of Grid) ----
@@ -93,10 +94,12 @@ class WatchedGrid(Grid):
                 failures.append(f"node {reply.metadata.src_node_id} failed: {reply.error.reason.splitlines()[0][:200]}")
         for failure in failures:
             log(WARNING, "%s %d %s: %s; it is left out of this round", self.label, number, kind, failure)
+        good = [dict(r.content[METRICS]) for r in replies if not r.has_error() and METRICS in r.content]
         if is_train:
             self.failures[number] = failures
-            self.client_metrics[number] = [dict(r.content[METRICS]) for r in replies
-                                           if not r.has_error() and METRICS in r.content]
+            self.client_metrics[number] = good
+        else:
+            self.eval_metrics[number] = [m for m in good if "eval-loss" in m]
         self._stop()
         log(INFO, "%s %d %s: %d/%d replies", self.label, number, kind, len(replies), len(ids))
         return replies

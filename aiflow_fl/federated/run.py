@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -198,7 +199,11 @@ class RunFolder:
             ax_loss.plot([r["round"] for r in train], [r["train-loss"] for r in train], "o-", label="train loss (clients)")
         if evals:
             ax_loss.plot([r["round"] for r in evals], [r["eval-loss"] for r in evals], "s-", label="held-out loss (server)")
-            ax_acc.plot([r["round"] for r in evals], [r["eval-accuracy"] for r in evals], "s-", color="C2", label="held-out next-token accuracy")
+            ax_acc.plot([r["round"] for r in evals], [r["eval-accuracy"] for r in evals], "s-", color="C2", label="held-out next-token accuracy (server)")
+        device_evals = self.records("device-eval")
+        if device_evals:
+            ax_acc.plot([r["round"] for r in device_evals], [r["eval-accuracy"] for r in device_evals], "^--", color="C3",
+                        label="devices' own held-out accuracy")
         ax_loss.set_xlabel("round")
         ax_loss.set_ylabel("cross-entropy")
         ax_loss.legend()
@@ -249,8 +254,10 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         out["loss_first"], out["loss_last"] = trains[0].get("train-loss-first"), trains[-1].get("train-loss-last")
         out["clients"] = max(int(t.get("clients-ok", 0)) for t in trains)
         out["client_peak_rss_mb"] = max(float(t.get("client-peak-rss-mb", 0.0)) for t in trains)
-        rounds_s = sorted(float(t.get("round-s", 0.0)) for t in trains)
-        out["round_s_median"] = rounds_s[len(rounds_s) // 2] if len(rounds_s) % 2 else sum(rounds_s[len(rounds_s) // 2 - 1:len(rounds_s) // 2 + 1]) / 2
+        out["round_s_median"] = statistics.median(float(t.get("round-s", 0.0)) for t in trains)
+    device_evals = folder.records("device-eval")
+    if device_evals:
+        out["device_heldout_acc_last"] = device_evals[-1]["eval-accuracy"]
     out["plot"] = str(folder.path / "summary.png")
     return out
 
