@@ -62,6 +62,12 @@ def test_remote_chains_equal_generate_of_last_verifier(model_dir, servers):
         assert result.tokens == reference(model, ids, 20), reuse
         sent = chain.slots[2].tier.bytes_sent
         assert sent > 0 and (sent > 20 * 4 * model.config.hidden_size) == reuse  # hidden states vs token ids
+    # sampling: the remote verifier's probabilities cross the wire as float32, so with the same seed
+    # the multi-process chain samples exactly what the in-process one does
+    sampled = config(model_dir, "serving.temperature=1.0", "serving.seed=3", "serving.exits=[2]")
+    local, _ = build_chain(sampled, ["device", "cloud"])
+    remote_chain, _ = build_chain(sampled, ["device", "cloud"], remote={"cloud": servers["cloud"]})
+    assert remote_chain.generate(ids, 12).tokens == local.generate(ids, 12).tokens
     pipelined, _ = build_chain(config(model_dir, "serving.pipelined=true", "serving.draft_len=3", "serving.exits=[2]"), ["device", "cloud"],
                                remote={"cloud": servers["cloud"]})
     assert pipelined.generate(ids, 20).tokens == reference(model, ids, 20)
