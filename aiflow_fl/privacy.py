@@ -13,7 +13,11 @@ ClientApp's ``DeviceState.extra``, see :func:`add_dp_hooks`), so the ε it repor
 R·steps steps, exactly what Opacus's accountant reports for that history. (Flower's own Opacus example
 builds a new PrivacyEngine each round and so reports the ε of one round only.) With a target ε the
 noise σ is derived once, by Opacus's ``get_noise_multiplier``, for the total number of steps the
-device will take in the run, so the final ε is ≤ the target.
+device will take in the run, so the final ε is ≤ the target. Known limits: a run resumed from a
+checkpoint starts fresh device processes with empty accountants (add the ε logged before the
+interruption); with continual stages of different sizes q changes per stage and the accountant
+composes the actual (σ, q) history, which can end above a target planned on the first stage's q;
+noise comes from torch's default (not cryptographically secure) generator.
 
 **Opacus + PEFT (opacus issue #820).** That report is of LoRA weights that silently never change
 under Opacus: hooks and the optimizer held references to parameters that were replaced after they
