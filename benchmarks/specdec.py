@@ -7,7 +7,8 @@ ordinary-instruction prompts are answered greedily, in one run, side by side, by
 
 * ``target-only``: ``generate()`` of the last tier (the full model) — also the lossless reference;
 * ``hf-assisted``: ``generate(assistant_model=device member)`` (transformers' assisted generation,
-  its default dynamic draft schedule);
+  its defaults), and ``hf-assisted (draft 3)``: the same starting at our draft length 3 (heuristic
+  schedule); ``speedup_vs_hf_assisted`` is against the faster of the two;
 * our chains: device->cloud (2 tiers) and device->edge->cloud (3 tiers), sequential and pipelined,
   with and without familial reuse, under a zero-latency and an edge-like link.
 
@@ -83,8 +84,16 @@ def build_members(backbone, tokenizer, exits: list[int], quick: bool) -> tuple[l
     return members + [Member("full", backbone, layers)], note
 
 
-def hf_runner(model, eos: list[int], assistant=None) -> Callable:
+def hf_runner(model, eos: list[int], assistant=None, draft_tokens: int | None = None) -> Callable:
+    """transformers' generate; with ``assistant``: assisted generation (its defaults, or a starting
+    draft of ``draft_tokens`` with the heuristic schedule; its confidence stop stays at the default)."""
+    if assistant is not None and draft_tokens is not None:
+        assistant.generation_config.num_assistant_tokens = draft_tokens
+        assistant.generation_config.num_assistant_tokens_schedule = "heuristic"
+
     def run(ids: torch.Tensor, n: int) -> tuple[list[int], dict]:
+        if assistant is not None and draft_tokens is not None:
+            assistant.generation_config.num_assistant_tokens = draft_tokens  # the heuristic mutates it
         with torch.inference_mode():
             out = model.generate(ids, max_new_tokens=n, do_sample=False, assistant_model=assistant,
                                  eos_token_id=eos, pad_token_id=eos[0])
@@ -135,6 +144,15 @@ def remote_runner(device: Member, eos: list[int], url: str) -> Callable:
     return run
 
 
+def early_copy(model):
+    """A shallow copy with its own generation config (assisted generation writes its schedule there)."""
+    import copy
+
+    twin = copy.copy(model)
+    twin.generation_config = copy.deepcopy(model.generation_config)
+    return twin
+
+
 def _pin_main(cores: set[int] | None) -> None:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cores or set(range(os.cpu_count() or 1)))
@@ -160,6 +178,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     rows = [
         Row("target-only", "seq", "full", "-", hf_runner(backbone, eos)),
         Row("hf-assisted", "seq", "device->full", "-", hf_runner(backbone, eos, device.model)),
+        Row("hf-assisted (draft 3)", "seq", "device->full", "-", hf_runner(backbone, eos, early_copy(device.model), 3)),
         Row("2-tier", "seq", "device->full", "zero", chain_runner(two, eos, True, False, False)),
         Row("3-tier", "seq", "device->edge->full", "zero", chain_runner(three, eos, True, False, False)),
         Row("2-tier edge-link", "seq", "device->full", "edge", chain_runner(two, eos, True, False, True)),
@@ -232,6 +251,8 @@ def _measure(rows: list[Row], inputs: list[torch.Tensor], reps: int, max_new: in
 
 def _summarize(rows: list[Row], prompts: list[str], max_new: int, reps: int, family_note: str) -> dict[str, Any]:
     reference = rows[0].outputs
+    # the faster of transformers' assisted generation settings is the one to beat
+    hf_best = max(statistics.median(r.tokens_per_s) for r in rows if r.name.startswith("hf-assisted"))
     results = []
     for row in rows:
         tps = statistics.median(row.tokens_per_s)
@@ -239,7 +260,7 @@ def _summarize(rows: list[Row], prompts: list[str], max_new: int, reps: int, fam
         entry: dict[str, Any] = {
             "name": row.name, "placement": row.placement, "tiers": row.tiers, "link": row.link,
             "tokens_per_s": round(tps, 2), "speedup_vs_target": round(tps / statistics.median(base.tokens_per_s), 3),
-            "speedup_vs_hf_assisted": round(tps / statistics.median(rows[1].tokens_per_s), 3),
+            "speedup_vs_hf_assisted": round(tps / hf_best, 3),
             "lossless": row.outputs == reference,
         }
         if row.stats and row.stats[0]:
@@ -275,7 +296,7 @@ def _summarize(rows: list[Row], prompts: list[str], max_new: int, reps: int, fam
         "tiers": best["tiers"],
         "best_chain": best["name"],
         "best_sequential_chain": best_seq["name"],
-        "hf_assisted_lossless": results[1]["lossless"],
+        "hf_assisted_lossless": all(r["lossless"] for r in results if r["name"].startswith("hf-assisted")),
         "family": family_note,
         "draft_vocab": DRAFT_VOCAB,
         "draft_confidence": CONFIDENCE,
