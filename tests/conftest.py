@@ -23,3 +23,15 @@ def tiny(request):
     from aiflow_fl.models import tiny_model
 
     return tiny_model(request.param, num_layers=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama saved with the real tokenizer: a model folder that Flower client processes
+    (Ray actors, SuperNodes' app processes) load by path through ``model.name``."""
+    from aiflow_fl.models import tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", num_layers=4).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

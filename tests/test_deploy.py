@@ -9,7 +9,6 @@ import pytest
 from aiflow_fl.config import flatten, load_config
 from aiflow_fl.federated import deploy
 from aiflow_fl.federated.run import RunFolder, config_for
-from aiflow_fl.models import load_tokenizer, tiny_model
 
 
 def test_flower_run_config_matches_the_default_config():
@@ -28,13 +27,10 @@ def test_node_configs_carry_each_device_profile():
 
 
 @pytest.mark.timeout(600)
-def test_superlink_and_two_supernodes_run_two_rounds(tmp_path):
-    tiny_dir = tmp_path / "tiny"
-    tiny_model("llama", num_layers=4).save_pretrained(tiny_dir)
-    load_tokenizer().save_pretrained(tiny_dir)
+def test_superlink_and_two_supernodes_run_two_rounds(tiny_llama_dir, tmp_path):
     run_dir = tmp_path / "run"
     cfg = config_for([
-        f"model.name={tiny_dir}", "family.dir=/nonexistent", "data.source=stdlib", "data.seq_len=32",
+        f"model.name={tiny_llama_dir}", "family.dir=/nonexistent", "data.source=stdlib", "data.seq_len=32",
         "data.max_examples_per_client=16", "data.max_heldout_examples=4", "train.local_steps=1", "train.batch_size=2",
         "federation.members=[exit-2,exit-4]", "federation.ranks=[2,4]", "federation.rounds=2", f"run.dir={run_dir}",
     ])

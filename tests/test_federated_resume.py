@@ -13,18 +13,14 @@ import pytest
 
 from aiflow_fl.federated.deploy import group_members
 from aiflow_fl.federated.run import RunFolder, config_for
-from aiflow_fl.models import load_tokenizer, tiny_model
 from simulations.run import simulate
 
 
 @pytest.mark.timeout(600)
-def test_killed_simulation_resumes_from_its_last_checkpoint(tmp_path):
-    tiny_dir = tmp_path / "tiny"
-    tiny_model("llama", num_layers=4).save_pretrained(tiny_dir)
-    load_tokenizer().save_pretrained(tiny_dir)
+def test_killed_simulation_resumes_from_its_last_checkpoint(tiny_llama_dir, tmp_path):
     run_dir = tmp_path / "run"
     overrides = [
-        f"model.name={tiny_dir}", "family.dir=/nonexistent", "data.source=stdlib", "data.seq_len=32",
+        f"model.name={tiny_llama_dir}", "family.dir=/nonexistent", "data.source=stdlib", "data.seq_len=32",
         "data.max_examples_per_client=16", "data.max_heldout_examples=4", "train.local_steps=1", "train.batch_size=2",
         "federation.members=[exit-4]", "federation.ranks=[2]", "federation.num_devices=2", "federation.rounds=3",
         f"run.dir={run_dir}",

@@ -10,32 +10,23 @@ import pytest
 
 from aiflow_fl.errors import AiflowError
 from aiflow_fl.federated.run import RunFolder
-from aiflow_fl.models import load_tokenizer, tiny_model
 from simulations.run import config_for, simulate
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", num_layers=4).save_pretrained(path)
-    load_tokenizer().save_pretrained(path)
-    return path
-
-
-def tiny_overrides(tiny_dir, run_dir, *extra: str) -> list[str]:
+def tiny_overrides(model_dir, run_dir, *extra: str) -> list[str]:
     return [
-        f"model.name={tiny_dir}", "family.dir=/nonexistent", "data.source=stdlib", "data.seq_len=32",
+        f"model.name={model_dir}", "family.dir=/nonexistent", "data.source=stdlib", "data.seq_len=32",
         "data.max_examples_per_client=32", "data.max_heldout_examples=8", "train.local_steps=2", "train.batch_size=2",
         "federation.members=[exit-2,exit-4]", "federation.ranks=[2,4]", f"run.dir={run_dir}", *extra,
     ]
 
 
-def test_faulty_clients_are_left_out_and_the_run_fails_clearly_below_min_clients(tiny_dir, tmp_path):
+def test_faulty_clients_are_left_out_and_the_run_fails_clearly_below_min_clients(tiny_llama_dir, tmp_path):
     """Heterogeneous members (exit-2 / exit-4) and ranks (2 / 4). Round 1: a client raises and one
     sends NaN; round 2: wrong shapes and a missing tensor; round 3: three of four fail, fewer than
     federation.min_clients=2 -> a clear error, with the finished rounds' metrics and checkpoints kept."""
     run_dir = tmp_path / "run"
-    cfg = config_for(tiny_overrides(tiny_dir, run_dir, "federation.num_devices=4", "federation.rounds=3",
+    cfg = config_for(tiny_overrides(tiny_llama_dir, run_dir, "federation.num_devices=4", "federation.rounds=3",
                                     "federation.min_clients=2", "federation.fraction_evaluate=1.0"))
     faults = {
         0: {"fault": "raise", "fault-rounds": "1,3"},
@@ -74,12 +65,12 @@ def test_faulty_clients_are_left_out_and_the_run_fails_clearly_below_min_clients
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_client_that_hangs_is_left_out_after_the_timeout(tiny_dir, tmp_path):
+def test_a_client_that_hangs_is_left_out_after_the_timeout(tiny_llama_dir, tmp_path):
     """One of two devices sleeps past federation.client_timeout_s: the round goes on without it.
 
     (Ray ends the simulation only once the sleeping call returns, so the sleep is kept short.)"""
     run_dir = tmp_path / "run"
-    cfg = config_for(tiny_overrides(tiny_dir, run_dir, "federation.num_devices=2", "federation.rounds=1",
+    cfg = config_for(tiny_overrides(tiny_llama_dir, run_dir, "federation.num_devices=2", "federation.rounds=1",
                                     "federation.client_timeout_s=75"))
     simulate(cfg, show_progress=False, node_overrides={1: {"fault": "hang", "fault-seconds": 95}})
     train = RunFolder(run_dir).records("train")
