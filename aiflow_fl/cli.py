@@ -161,6 +161,14 @@ def serve(
     serve_member(cfg, tier, family, member, exit_layer, port, core, threads)
 
 
+@app.command()
+def demo(overrides: Overrides = None) -> None:
+    """The main job on the embedded default: build a family, fine-tune it federatedly, serve it (~10 min)."""
+    from aiflow_fl.demo import run_demo
+
+    run_demo(list(overrides or []))
+
+
 @app.command("config")
 def show_config(overrides: Overrides = None) -> None:
     """Print the effective configuration (defaults <- conf/config.yaml <- overrides)."""

@@ -49,22 +49,14 @@ def _members_table(rows: list[dict], title: str, extra: list[str] = ()):  # type
     return table
 
 
-@family_app.command("build")
-def build(
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="Config overrides, e.g. family.budgets=[0.4,0.6] family.kind=both")] = None,
-) -> None:
-    """Calibrate, decompose (whitened SVD), optionally train branches / HPCD components, save the family."""
+def build_family(cfg, console=None):
+    """Calibrate, decompose, train what the config asks for, save; returns the saved Family."""
     import time
 
-    from rich.console import Console
-
-    from aiflow_fl.config import load_config
     from aiflow_fl.family.family import family_from_backbone
     from aiflow_fl.family.train import train_branches, train_hpcd
     from aiflow_fl.models import load_backbone
 
-    cfg = load_config(overrides)
-    console = Console(width=160)
     start = time.perf_counter()
     loaded = load_backbone(cfg.model.name)
     family = family_from_backbone(loaded.model, loaded.tokenizer, cfg.family)
@@ -77,8 +69,22 @@ def build(
         train_hpcd(family, batches, tcfg.hpcd_steps, tcfg.lr, tcfg.hpcd_kl_weight, grams=family.grams)
     family.info["total_build_s"] = round(time.perf_counter() - start, 2)
     folder = family.save(cfg.family.dir)
-    console.print(_members_table(family.describe(), f"family saved to {folder}"))
-    console.print(f"built in {family.info['total_build_s']:.1f} s")
+    if console is not None:
+        console.print(_members_table(family.describe(), f"family saved to {folder}"))
+        console.print(f"built in {family.info['total_build_s']:.1f} s")
+    return family
+
+
+@family_app.command("build")
+def build(
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="Config overrides, e.g. family.budgets=[0.4,0.6] family.kind=both")] = None,
+) -> None:
+    """Calibrate, decompose (whitened SVD), optionally train branches / HPCD components, save the family."""
+    from rich.console import Console
+
+    from aiflow_fl.config import load_config
+
+    build_family(load_config(overrides), Console(width=160))
 
 
 @family_app.command("info")
