@@ -50,6 +50,15 @@ def _bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment of the Flower processes: their FLWR_HOME, no runtime dependency installation, and
+    this interpreter's bin folder first on PATH (the SuperLink starts ``flower-superexec`` by name, so a
+    venv that is not activated would otherwise not be found)."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, "FLWR_HOME": str(flwr_home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def run_config_overrides(cfg: AiflowConfig) -> dict[str, Any]:
     """The config as Flower run-config overrides: only keys the app's pyproject declares."""
     declared = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
@@ -95,8 +104,7 @@ class Deployment:
         return [self.superlink, *self.supernodes]
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "FLWR_HOME": str(self.flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                "TOKENIZERS_PARALLELISM": "false"}
+        return flower_env(self.flwr_home)
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([_bin("flwr"), *args], cwd=APP_DIR, env=self.env(), capture_output=True, text=True, timeout=timeout)
@@ -175,7 +183,7 @@ def start(cfg: AiflowConfig, num_nodes: int, workdir: str | Path | None = None,
     port = free_port()
     (flwr_home / "config.toml").write_text(
         f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
-    env = {**os.environ, "FLWR_HOME": str(flwr_home), "TOKENIZERS_PARALLELISM": "false"}
+    env = flower_env(flwr_home)
     log = work / "logs" / "superlink.log"
     superlink = subprocess.Popen(
         [_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation", "--port", str(port),
