@@ -35,3 +35,13 @@ def tiny_llama_dir(tmp_path_factory, tokenizer):
     tiny_model("llama", num_layers=4).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of many small ops: two threads run them several times slower
+    here (thread hand-off costs more than the op); use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

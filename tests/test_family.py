@@ -25,13 +25,7 @@ from aiflow_fl.family.budget import budget_from_fraction, exit_and_ratio, explic
 from aiflow_fl.family.members import count_member, skeleton
 from aiflow_fl.models import tiny_model
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on this shared 2-core machine two threads run these small ops ~5x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
