@@ -58,6 +58,16 @@ def _client_summary(metrics: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def _link_totals(history: list[dict[str, Any]]) -> dict[str, float]:
+    """Bytes per link and simulated time of one cloud round, summed over its edge rounds."""
+    totals: dict[str, float] = {}
+    for record in history:
+        for key, value in record.items():
+            if key.startswith(("bytes/", "cloud-bytes", "sim-round-s")):
+                totals[key] = totals.get(key, 0) + value
+    return totals
+
+
 def _weighted_eval(metrics: list[dict[str, Any]]) -> dict[str, float]:
     """Devices' held-out loss and accuracy, weighted by their held-out sizes."""
     weights = [float(m.get("num-examples", 0)) for m in metrics]
@@ -125,7 +135,7 @@ def run_server(grid: Grid, cfg: AiflowConfig, progress: Any = None) -> ServerSum
         failures = [f for r in train_rounds for f in watched.failures.get(r, [])]
         round_s = time.perf_counter() - round_start[0]
         folder.log({"round": cloud_round, "kind": "train", **client, "round-s": round_s,
-                    **{k: v for k, v in history[-1].items() if k.startswith(("bytes/", "cloud-bytes", "sim-round-s"))},
+                    **_link_totals(history),
                     "clients-ok": history[-1]["clients-ok"],
                     "clients-failed": sum(h["clients-failed"] for h in history) + sum("timed out" in f for f in failures),
                     "failures": failures})
