@@ -44,12 +44,13 @@ def _trained_members(cfg: AiflowConfig, names: list[str], merged: AdapterUpdate 
     from aiflow_fl.federated.member import load_member
     from aiflow_fl.serving.members import Member
 
+    specs = {m["name"]: m for m in _describe(cfg)["members"]}
     members = []
     for name in names:
         trained = load_member(cfg, name)
         if merged is not None:
             fold_base(trained.model, trained, merged)
-        spec = next(m for m in _describe(cfg)["members"] if m["name"] == name)
+        spec = specs[name]
         if spec["kind"] == "eesb":
             members.append(Member(name, trained.model.eval(), spec["exit"], branch=True, shared_layers=spec["exit"]))
         else:
