@@ -194,3 +194,24 @@ def test_device_trains_a_family_member_under_family_wide_keys(tmp_path, tokenize
     _, untouched = device_evaluate(cfg, profile, None, None)
     assert with_lora["eval-loss"] == pytest.approx(with_base["eval-loss"], rel=1e-5)
     assert with_lora["eval-loss"] != untouched["eval-loss"]
+
+
+def test_cloud_round_bytes_are_summed_over_its_edge_rounds_and_plotted(tmp_path):
+    """A cloud round of κ2 edge rounds carries the sum of what each link moved in every edge round."""
+    from PIL import Image
+
+    from server.app import _link_totals
+
+    edge_rounds = [
+        {"bytes/device->edge": 100, "bytes/edge->cloud": 0, "cloud-bytes": 0, "sim-round-s": 0.5, "clients-ok": 4},
+        {"bytes/device->edge": 120, "bytes/edge->cloud": 40, "cloud-bytes": 40, "sim-round-s": 0.7, "clients-ok": 3},
+    ]
+    totals = _link_totals(edge_rounds)
+    assert totals == {"bytes/device->edge": 220, "bytes/edge->cloud": 40, "cloud-bytes": 40, "sim-round-s": 1.2}
+    run = RunFolder.create(load_config([f"run.dir={tmp_path / 'r'}"]))
+    run.log({"round": 1, "kind": "train", "train-loss": 2.0, **totals})
+    run.log({"round": 1, "kind": "eval", "eval-loss": 2.0, "eval-accuracy": 0.1})
+    with_bytes = Image.open(run.plot()).size
+    plain = RunFolder.create(load_config([f"run.dir={tmp_path / 'p'}"]))
+    plain.log({"round": 1, "kind": "train", "train-loss": 2.0})
+    assert with_bytes[0] > Image.open(plain.plot()).size[0]  # the third panel: bytes per link

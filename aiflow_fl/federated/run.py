@@ -186,7 +186,7 @@ class RunFolder:
 
     # --- summary -------------------------------------------------------------------------------
     def plot(self) -> Path:
-        """summary.png: training loss and held-out loss / accuracy per round."""
+        """summary.png: training loss, held-out loss / accuracy and (when counted) bytes per link per round."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -194,7 +194,9 @@ class RunFolder:
 
         train = self.records("train")
         evals = self.records("eval")
-        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+        links = sorted({k for r in train for k in r if k.startswith("bytes/")})
+        fig, axes = plt.subplots(1, 3 if links else 2, figsize=(15 if links else 10, 4))
+        ax_loss, ax_acc = axes[0], axes[1]
         if train:
             ax_loss.plot([r["round"] for r in train], [r["train-loss"] for r in train], "o-", label="train loss (clients)")
         if evals:
@@ -210,6 +212,13 @@ class RunFolder:
         ax_acc.set_xlabel("round")
         ax_acc.set_ylabel("accuracy")
         ax_acc.legend()
+        if links:  # what each link of the hierarchy carried per cloud round (summed over its edge rounds)
+            ax_bytes = axes[2]
+            for key in links:
+                ax_bytes.plot([r["round"] for r in train], [r.get(key, 0) / 1e6 for r in train], "o-", label=key[len("bytes/"):])
+            ax_bytes.set_xlabel("round")
+            ax_bytes.set_ylabel("MB per round")
+            ax_bytes.legend(fontsize=8)
         fig.suptitle(f"federated run {self.path.name}")
         fig.tight_layout()
         out = self.path / "summary.png"
