@@ -32,6 +32,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "family.kind": ("eesb", "hpcd", "both"),
     "family.branch_training.main": ("frozen", "lora", "full"),
     "family.branch_training.subset": ("all", "random", "sequential", "loss_adaptive"),
+    "family.branch_training.data": ("text", "self"),
     "privacy.accountant": ("rdp", "prv"),
     "continual.replay": ("none", "reservoir", "stage"),
 }
@@ -57,6 +58,11 @@ class BranchTrainingConfig:
     lora_rank: int = 8  # main=lora: rank of the LoRA on the shared layers (merged after training)
     hpcd_steps: int = 0  # progressive HPCD training steps per component (0: SVD initialisation only)
     hpcd_kl_weight: float = 0.4  # HPCD loss = CE + λ·KL(teacher ‖ student), λ from the paper
+    # Branch data: text (data.source chunks) | self (the backbone's own greedy answers to generic chat
+    # instructions, loss on the answers only: what drafts face when serving; cached in $AIFLOW_CACHE)
+    data: str = "text"
+    self_prompts: int = 256  # data=self: instructions answered (0: all ~760 built-in ones)
+    self_max_new_tokens: int = 64  # data=self: answer length
 
 
 @dataclass

@@ -54,7 +54,7 @@ def build_family(cfg, console=None):
     import time
 
     from aiflow_fl.family.family import family_from_backbone
-    from aiflow_fl.family.train import train_branches, train_hpcd
+    from aiflow_fl.family.train import branch_batches, train_branches, train_hpcd
     from aiflow_fl.models import load_backbone
 
     start = time.perf_counter()
@@ -62,7 +62,7 @@ def build_family(cfg, console=None):
     family = family_from_backbone(loaded.model, loaded.tokenizer, cfg.family)
     tcfg = cfg.family.branch_training
     if tcfg.steps > 0 and any(s.kind == "eesb" for s in family.members.values()):
-        batches = training_batches(loaded.tokenizer, tcfg.seq_len, tcfg.batch_size, cfg.data.source, cfg.run.seed)
+        batches = branch_batches(loaded.model, loaded.tokenizer, tcfg, cfg.data.source, cfg.run.seed)
         train_branches(family, batches, tcfg)
     if tcfg.hpcd_steps > 0 and family.hpcd_ranks:
         batches = training_batches(loaded.tokenizer, tcfg.seq_len, tcfg.batch_size, cfg.data.source, cfg.run.seed)

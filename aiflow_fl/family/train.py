@@ -43,9 +43,26 @@ SUBSETS = ("all", "random", "sequential", "loss_adaptive")
 MAIN_MODES = ("frozen", "lora", "full")
 
 
-def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy."""
+def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy; with a (B, T) ``mask`` only at the positions it marks
+    (``logits`` are then the (N, V) logits of exactly those positions, see :func:`loss_positions`)."""
+    if mask is not None:
+        return F.cross_entropy(logits.float(), input_ids[:, 1:][mask[:, :-1]])
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), input_ids[:, 1:].reshape(-1))
+
+
+def loss_positions(batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of a training batch: text batches are plain (B, T) ids (every position but the
+    last predicts a token); self-distillation batches come with their answer mask
+    (:func:`aiflow_fl.family.instructions.padded`)."""
+    if isinstance(batch, tuple):
+        ids, mask = batch
+        if mask[:, -1].any():
+            raise AiflowError("A loss mask may not mark the last position of a batch (it has no next token).")
+        return ids, mask
+    mask = torch.ones_like(batch, dtype=torch.bool)
+    mask[:, -1] = False
+    return batch, mask
 
 
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -157,7 +174,7 @@ def train_branches(
         for step in range(tcfg.steps):
             if time_limit_s is not None and time.perf_counter() - started > time_limit_s:
                 break
-            ids = next(batches)
+            ids, mask = loss_positions(next(batches))
             optimizer.zero_grad(set_to_none=True)
             out = None
             for sub in range(tcfg.accumulate):
@@ -165,8 +182,8 @@ def train_branches(
                 if out is None or tcfg.main != "frozen":  # a frozen main is run once per batch
                     with torch.set_grad_enabled(tcfg.main != "frozen"):
                         out = main(input_ids=ids, output_hidden_states=True, use_cache=False)
-                main_ce = lm_loss(out.logits, ids)
-                teacher = out.logits.detach()
+                main_ce = lm_loss(out.logits[mask], ids, mask)
+                teacher = out.logits.detach()[mask]
                 pos = positions(0, ids.shape[1], ids.device)
                 losses = [main_ce]
                 for i in chosen:
@@ -174,8 +191,8 @@ def train_branches(
                     unit.set_active()
                     hidden = out.hidden_states[unit.exit]
                     branch_out = run_layers(main, hidden, 0, 1, pos, layers=[unit.layer])  # type: ignore[arg-type]
-                    logits = head(main, branch_out)
-                    ce = lm_loss(logits, ids)
+                    logits = head(main, branch_out[mask])  # only where the loss is taken
+                    ce = lm_loss(logits, ids, mask)
                     loss = ce + (tcfg.kl_weight * kl_to_teacher(logits, teacher) if tcfg.kl_weight > 0 else 0.0)
                     losses.append(loss)
                     running[i] = 0.9 * running[i] + 0.1 * float(ce.detach())
@@ -278,3 +295,71 @@ def _reinit_component(family: Family, c: int, grams: dict[str, torch.Tensor]) ->
         w_u, w_v = factorize(residual, grams.get(path)).factors(ranks[c], family.tensors[f"{path}.weight"].dtype)
         family.tensors[f"hpcd.{path}.us.{c}"] = w_u
         family.tensors[f"hpcd.{path}.vs.{c}"] = w_v
+
+
+DATA_SOURCES = ("text", "self")
+
+
+def branch_batches(model, tokenizer, tcfg, source: str = "pydoc", seed: int = 0, show_progress: bool = True):
+    """Endless training batches for :func:`train_branches` per ``tcfg.data``:
+
+    * ``text``: (B, ``tcfg.seq_len``) chunks of the training side of ``source`` (data.source);
+    * ``self``: self-distillation — the backbone's own greedy answers (``tcfg.self_max_new_tokens``
+      tokens) to ``tcfg.self_prompts`` generic chat instructions (:mod:`aiflow_fl.family.instructions`),
+      with the loss on the answer positions only: the data drafts face when serving chat.
+    """
+    if tcfg.data not in DATA_SOURCES:
+        raise AiflowError(f"family.branch_training.data is '{tcfg.data}'; allowed: {', '.join(DATA_SOURCES)}.")
+    if tcfg.data == "text":
+        from aiflow_fl.family.cli import training_batches
+
+        return training_batches(tokenizer, tcfg.seq_len, tcfg.batch_size, source, seed)
+    from aiflow_fl.family.instructions import instructions, self_answers, self_batches
+
+    if tokenizer is None:
+        raise AiflowError("family.branch_training.data=self needs the model's tokenizer (to write chat prompts).")
+    answers = self_answers(model, tokenizer, instructions(tcfg.self_prompts, seed), tcfg.self_max_new_tokens,
+                           show_progress=show_progress)
+    return self_batches(answers, tcfg.batch_size, seed)
+
+
+@torch.inference_mode()
+def greedy_agreement(main: nn.Module, exits: dict[str, tuple[int, nn.Module | None]], answers, batch_size: int = 8,
+                     vocab: torch.Tensor | None = None) -> dict[str, float]:
+    """Teacher-forced greedy agreement of drafts with ``main`` on its own answers: for each
+    ``name -> (exit, branch layer or None)``, the fraction of answer positions where
+    argmax(norm+head(branch(h_exit))) equals ``main``'s argmax — the per-token acceptance probability
+    of greedy speculative decoding when the draft sees the verified prefix (``answers``:
+    :class:`aiflow_fl.family.instructions.SelfAnswers`). ``vocab`` restricts the draft head to those
+    ids (a reduced draft vocabulary)."""
+    from aiflow_fl.family.instructions import padded
+
+    hits = {name: 0 for name in exits}
+    total = 0
+    for i in range(0, len(answers.sequences), batch_size):
+        ids, mask = padded(answers, list(range(i, min(i + batch_size, len(answers.sequences)))))
+        out = main(input_ids=ids, output_hidden_states=True, use_cache=False)
+        target = out.logits[mask].argmax(-1)
+        pos = positions(0, ids.shape[1])
+        total += int(target.numel())
+        for name, (exit_layer, branch) in exits.items():
+            hidden = out.hidden_states[exit_layer]
+            if branch is not None:
+                hidden = run_layers(main, hidden, 0, 1, pos, layers=[branch])  # type: ignore[arg-type]
+            logits = head(main, hidden[mask])
+            if vocab is not None:
+                guess = vocab[logits[:, vocab].argmax(-1)]
+            else:
+                guess = logits.argmax(-1)
+            hits[name] += int((guess == target).sum())
+    return {name: hits[name] / max(1, total) for name in exits}
+
+
+def family_drafts(family: Family, plain_exits: list[int] = ()) -> dict[str, tuple[int, nn.Module | None]]:
+    """:func:`greedy_agreement`'s ``exits`` for every EESB member of ``family`` (its branch at its
+    ratio) and plain early exits ``exit-k`` (norm + head on layer k's hidden states)."""
+    drafts: dict[str, tuple[int, nn.Module | None]] = {f"exit-{k}": (k, None) for k in plain_exits}
+    for name, spec in family.members.items():
+        if spec.kind == "eesb":
+            drafts[name] = (spec.exit, family.build(name).model.layers[spec.exit])
+    return drafts
