@@ -187,6 +187,10 @@ class ServingConfig:
     draft_vocab: int = 0  # reduced device head over the first N ids (0: full vocabulary)
     pipelined: bool = False  # the device drafts while the verifier works
     draft_confidence: float = 0.0  # end a draft block after a token the device gives less than this probability
+    # choose each draft length (0 = the verifier decodes alone) maximising expected tokens/s from this run's
+    # measured draft / verify costs and acceptance (sequential chains; overrides adaptive)
+    cost_aware: bool = False
+    probe_every: int = 16  # cost_aware: while the verifier decodes alone, try drafting again every N tokens
     temperature: float = 0.0  # 0: greedy
     seed: int = 0
     exits: list[int] = field(default_factory=list)  # early-exit tiers of model.name when there is no family

@@ -86,7 +86,9 @@ def serve_trained_family(cfg: AiflowConfig, run_dir: Path, console: Console) -> 
     members, tokenizer = _trained_members(cfg, names, _merged_update(run_dir))
     eos = eos_ids(members[-1].model, tokenizer)
     chain = local_chain(members, reuse=True, eos_token_ids=eos, draft_len=cfg.serving.draft_len,
-                        adaptive=cfg.serving.adaptive, blocks=[1, cfg.serving.cloud_block])
+                        adaptive=cfg.serving.adaptive, blocks=[1, cfg.serving.cloud_block],
+                        confidence=cfg.serving.draft_confidence, cost_aware=cfg.serving.cost_aware,
+                        probe_every=cfg.serving.probe_every)
     table = Table(title=f"serving the trained family: {' -> '.join(names)} (device drafts, edge and cloud verify)")
     for column in ("prompt", "answer", "same as cloud generate()", "chain tok/s", "cloud-only tok/s", "acceptance"):
         table.add_column(column, overflow="fold")

@@ -9,7 +9,13 @@ from scipy.stats import chisquare
 from aiflow_fl.errors import AiflowError
 from aiflow_fl.models import tiny_model
 from aiflow_fl.serving.acceptance import (
+    best_draft_len,
+    draft_speed,
+    expected_accepted,
     expected_tokens_per_round,
+    required_acceptance,
+    tokens_per_round,
+    verify_costs,
     greedy_accept,
     next_draft_len,
     residual_distribution,
@@ -264,3 +270,77 @@ def test_family_members_chain_equals_generate_of_the_full_member(tmp_path, token
         assert [s.tier.name for s in chain.slots] == ["eesb-0", "eesb-1", "full"]
         assert [s.tier.entry for s in chain.slots] == ([0, 2, 4] if reuse else [0, 0, 0])
         assert chain.generate(ids, 16).tokens == reference(full, ids, 16)
+
+
+# ---------------------------------------------------------------------------------------------- cost-aware drafting
+
+
+def test_expected_tokens_per_round_match_a_simulation():
+    """The closed forms against Monte Carlo rounds of i.i.d. acceptance (accept each draft token with
+    probability α until the first rejection; +1 token for the correction, or the bonus if any)."""
+    gen = torch.Generator().manual_seed(0)
+    for alpha, k in [(0.3, 4), (0.8, 5), (0.6, 1)]:
+        hits = torch.rand(200_000, k, generator=gen) < alpha
+        accepted = hits.int().cumprod(1).sum(1).double()
+        with_bonus = accepted + 1
+        without = torch.where(accepted == k, accepted, accepted + 1)  # reuse: no bonus after a full accept
+        for got, sample in [(expected_accepted(alpha, k), accepted), (tokens_per_round(alpha, k), with_bonus),
+                            (tokens_per_round(alpha, k, bonus=False), without)]:
+            assert abs(got - sample.mean().item()) < 4 * sample.std().item() / 200_000 ** 0.5 + 1e-9
+        assert expected_accepted(alpha, k) == pytest.approx(sum(alpha ** i for i in range(1, k + 1)))
+        assert tokens_per_round(alpha, k) == pytest.approx(expected_tokens_per_round(alpha, k))
+    assert expected_accepted(1.0, 3) == 3.0 and tokens_per_round(1.0, 3, bonus=False) == 3.0
+    with pytest.raises(AiflowError):
+        expected_accepted(1.5, 2)
+
+
+def test_best_draft_len_maximises_expected_speed():
+    flat = [0.0] + [0.050] * 8  # overhead-dominated verifier: V(k) ≈ V(1)
+    for alpha, draft_s in [(0.9, 0.005), (0.5, 0.005), (0.2, 0.02), (0.05, 0.04)]:
+        k, speed = best_draft_len(alpha, draft_s, flat, 0.045)
+        brute = max(range(9), key=lambda j: draft_speed(alpha, j, draft_s, flat, 0.045))
+        assert k == brute and speed == pytest.approx(draft_speed(alpha, brute, draft_s, flat, 0.045))
+    assert best_draft_len(0.9, 0.005, flat, 0.045)[0] == 8  # cheap, good drafts: draft long
+    assert best_draft_len(0.05, 0.04, flat, 0.045)[0] == 0  # bad, costly drafts: the verifier alone
+    assert best_draft_len(0.05, 0.04, flat, 0.045, lowest=1)[0] == 1
+    assert 0 < best_draft_len(0.5, 0.005, [0.0] + [0.03 + 0.01 * k for k in range(1, 9)], 0.045)[0] < 8  # growing V(k)
+
+
+def test_required_acceptance_is_where_the_speedup_is_reached():
+    verify = [0.0] + [0.05 + 0.002 * k for k in range(1, 9)]
+    alpha = required_acceptance(2.0, 0.004, verify, 0.044)
+    assert alpha is not None and 0 < alpha < 1
+    reached = lambda a: max(draft_speed(a, k, 0.004, verify, 0.044) for k in range(1, 9)) * 0.044  # noqa: E731
+    assert reached(alpha) == pytest.approx(2.0, rel=1e-6) and reached(alpha - 0.01) < 2.0
+    assert required_acceptance(2.0, 0.03, verify, 0.044) is None  # even perfect drafts are too slow
+    assert required_acceptance(2.0, 0.004, verify, 0.044, bonus=False) > alpha  # no bonus token: needs more
+
+
+def test_verify_costs_fit_a_line():
+    costs = verify_costs([(1, 0.012), (3, 0.016), (5, 0.020), (3, 0.016)], 6)
+    assert costs[0] == 0.0 and costs[1:] == pytest.approx([0.010 + 0.002 * k for k in range(1, 7)])
+    assert verify_costs([(2, 0.03), (2, 0.05)], 3)[1:] == pytest.approx([0.04] * 3)  # one length seen: flat
+    with pytest.raises(AiflowError):
+        verify_costs([], 3)
+
+
+def test_cost_aware_chains_are_lossless_and_decode_alone_when_drafts_do_not_pay():
+    """Bad drafts (scrambled weights) from token ids: the policy drops to draft length 0 (the
+    verifier alone), re-probes drafting every few tokens, and the output stays generate()'s."""
+    model = scrambled("llama")
+    members = early_exit_members(model, [3, 4])
+    for seed in (0, 1):
+        ids = torch.randint(3, 500, (1, 6 + seed), generator=torch.Generator().manual_seed(seed))
+        expected = reference(model, ids, 40)
+        chain = local_chain([members[0], members[2]], reuse=False, draft_len=3, eos_token_ids=[], cost_aware=True, probe_every=4)
+        assert chain.generate(ids, 40).tokens == expected
+        log = chain.policy_log
+        assert 0 in log and 2 in log[log.index(0):]  # went solo, then probed again
+        for reuse, tiers in [(True, [members[0], members[2]]), (True, members), (False, members)]:
+            other = local_chain(tiers, reuse=reuse, draft_len=2, eos_token_ids=[], cost_aware=True, probe_every=3,
+                                blocks=[1, 3][: len(tiers) - 1])
+            assert other.generate(ids, 40).tokens == expected, (reuse, len(tiers))
+            if reuse:
+                assert min(other.policy_log) >= 1  # a verifier resuming from the device needs the device
+    with pytest.raises(AiflowError, match="cost_aware"):
+        local_chain(members[:2], cost_aware=True, pipelined=True)

@@ -98,3 +98,84 @@ def next_draft_len(current: int, accepted: int, drafted: int, lowest: int, highe
     draft, −1 after a rejection, kept within [lowest, highest]."""
     step = 2 if accepted == drafted else -1
     return max(lowest, min(highest, current + step))
+
+
+# ---------------------------------------------------------------- cost-aware draft length
+# With i.i.d. per-token acceptance α (Leviathan et al. 2023, §3.1), a round that drafts k tokens and
+# verifies them in one forward yields 1 + α(1 − α^k)/(1 − α) = (1 − α^{k+1})/(1 − α) tokens (the
+# accepted prefix plus the verifier's correction or bonus token) and costs k·c_draft + V(k).
+# A verifier that resumes from the draft's hidden states (familial reuse) has no hidden state for
+# the last draft token yet, so it checks k positions without a bonus token: (1 − α^k)/(1 − α) tokens.
+# Drafting nothing (k = 0) means the verifier decodes alone: one token per ``solo`` seconds.
+# The best k maximises tokens / second.
+
+
+def expected_accepted(acceptance: float, draft_len: int) -> float:
+    """Expected accepted draft tokens per round, α(1 − α^k)/(1 − α) (k when α = 1)."""
+    if not 0.0 <= acceptance <= 1.0 or draft_len < 0:
+        raise AiflowError(f"expected_accepted needs 0 ≤ α ≤ 1 and k ≥ 0 (got α={acceptance}, k={draft_len}).")
+    if acceptance >= 1.0:
+        return float(draft_len)
+    return acceptance * (1 - acceptance ** draft_len) / (1 - acceptance)
+
+
+def tokens_per_round(acceptance: float, draft_len: int, bonus: bool = True) -> float:
+    """Expected tokens a round yields (module comment): 1 + α(1 − α^k)/(1 − α) with a bonus
+    token, (1 − α^k)/(1 − α) = that − α^k without (familial reuse)."""
+    with_bonus = 1.0 + expected_accepted(acceptance, draft_len)
+    return with_bonus if bonus else with_bonus - acceptance ** draft_len
+
+
+def draft_speed(acceptance: float, draft_len: int, draft_s: float, verify_s: list[float], solo_s: float,
+                bonus: bool = True) -> float:
+    """Expected tokens per second of a round drafting ``draft_len`` tokens (module comment).
+
+    ``draft_s``: the device's time per drafted token; ``verify_s[k]``: the verifier's time for a
+    block of k drafted tokens (index 0 unused); ``solo_s``: time per token with no draft.
+    """
+    if draft_len == 0:
+        return 1.0 / solo_s
+    if not 1 <= draft_len < len(verify_s):
+        raise AiflowError(f"No verification cost known for a draft of {draft_len} (known: 1..{len(verify_s) - 1}).")
+    return tokens_per_round(acceptance, draft_len, bonus) / (draft_len * draft_s + verify_s[draft_len])
+
+
+def best_draft_len(acceptance: float, draft_s: float, verify_s: list[float], solo_s: float,
+                   bonus: bool = True, lowest: int = 0) -> tuple[int, float]:
+    """The draft length in ``lowest``..len(verify_s)-1 with the highest :func:`draft_speed` (the
+    shorter one on ties), and that speed in tokens/s."""
+    speeds = {k: draft_speed(acceptance, k, draft_s, verify_s, solo_s, bonus) for k in range(lowest, len(verify_s))}
+    best = max(speeds, key=lambda k: (speeds[k], -k))
+    return best, speeds[best]
+
+
+def required_acceptance(speedup: float, draft_s: float, verify_s: list[float], target_s: float,
+                        bonus: bool = True) -> float | None:
+    """The smallest per-token acceptance α at which some draft length k ≥ 1 reaches ``speedup`` × the
+    target alone (one token per ``target_s``), under these costs; None when even α = 1 cannot
+    (then tokens(1, k)·target_s / (k·draft_s + V(k)) < speedup for every k)."""
+    def best(alpha: float) -> float:
+        return max(draft_speed(alpha, k, draft_s, verify_s, target_s, bonus) for k in range(1, len(verify_s))) * target_s
+
+    if best(1.0) < speedup:
+        return None
+    lo, hi = 0.0, 1.0  # best() grows with α: bisection
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if best(mid) < speedup else (lo, mid)
+    return hi
+
+
+def verify_costs(samples: list[tuple[int, float]], max_len: int) -> list[float]:
+    """V(1..max_len) from measured (block length, seconds) verification forwards: a least-squares line
+    V(k) = a + b·k (b ≥ 0) when ≥ 2 lengths were seen, else the mean (forwards here are dominated by
+    per-op overhead, nearly flat in k). Index 0 is unused (0.0)."""
+    if not samples:
+        raise AiflowError("verify_costs needs at least one measured verification forward.")
+    ks = [float(k) for k, _ in samples]
+    ts = [t for _, t in samples]
+    mean_k, mean_t = sum(ks) / len(ks), sum(ts) / len(ts)
+    var = sum((k - mean_k) ** 2 for k in ks)
+    slope = max(0.0, sum((k - mean_k) * (t - mean_t) for k, t in zip(ks, ts)) / var) if var > 0 else 0.0
+    intercept = mean_t - slope * mean_k
+    return [0.0] + [max(1e-9, intercept + slope * k) for k in range(1, max_len + 1)]

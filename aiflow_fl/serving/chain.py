@@ -31,7 +31,7 @@ from typing import Callable, Protocol
 import torch
 
 from aiflow_fl.errors import AiflowError
-from aiflow_fl.serving.acceptance import greedy_accept, next_draft_len, speculative_accept
+from aiflow_fl.serving.acceptance import best_draft_len, greedy_accept, next_draft_len, speculative_accept, verify_costs
 from aiflow_fl.serving.link import Link, tensor_bytes
 from aiflow_fl.serving.members import TierOutput
 
@@ -67,6 +67,7 @@ class Slot:
     produced: int = 0  # tokens approved per call (accepted + correction/bonus)
     busy_s: float = 0.0  # time inside this tier's forwards
     job_s: list[float] = field(default_factory=list)  # wall time of each verification forward
+    job_len: list[int] = field(default_factory=list)  # positions of each forward (for the cost model)
     last_accepted: int = 0
     last_drafted: int = 0
 
@@ -111,6 +112,8 @@ class Chain:
         seed: int = 0,
         cores: list[int] | None = None,
         confidence: float = 0.0,
+        cost_aware: bool = False,
+        probe_every: int = 16,
     ) -> None:
         if not 1 <= len(tiers) <= 3:
             raise AiflowError(f"A chain has 1 to 3 tiers (device[, edge[, cloud]]); got {len(tiers)}.")
@@ -119,7 +122,19 @@ class Chain:
         links = links or [Link(f"{a.name}->{b.name}") for a, b in zip(tiers, tiers[1:])]
         blocks = blocks or [1] * (len(tiers) - 1)
         self.slots = [Slot(tiers[0], None)] + [Slot(t, l, b) for t, l, b in zip(tiers[1:], links, blocks)]
+        if cost_aware and pipelined:
+            raise AiflowError("serving.cost_aware chooses draft lengths for sequential chains; the pipelined mode "
+                              "matches the draft block to the verifier's time instead (set one of them to false).")
+        if probe_every < 1:
+            raise AiflowError(f"probe_every must be ≥ 1 token (got {probe_every}).")
         self.draft_len, self.adaptive, self.min_draft, self.max_draft = draft_len, adaptive, min_draft, max_draft
+        # Cost-aware drafting (acceptance.best_draft_len): a running acceptance estimate from
+        # exponentially decayed counts of accepted / rejected draft tokens, and solo decoding
+        # (draft length 0) that re-probes drafting every ``probe_every`` tokens.
+        self.cost_aware, self.probe_every = cost_aware, probe_every
+        self.acceptance_counts = [0.0, 0.0]  # decayed (accepted, rejected) draft tokens
+        self.solo_tokens = 0
+        self.policy_log: list[int] = []  # draft length chosen after each verification
         self.temperature = temperature
         self.eos = set(eos_token_ids or [])
         self.pipelined = pipelined
@@ -176,7 +191,17 @@ class Chain:
 
     # ---------------------------------------------------------------- steps
     def _next_job(self, limit: int) -> Job | None:
-        """The highest tier whose block of approved-below tokens is full (or final), as a job."""
+        """The highest tier whose block of approved-below tokens is full (or final), as a job; in solo
+        mode (cost-aware draft length 0) tier 1 then runs the new positions itself from token ids."""
+        job = self._blocked_job(limit)
+        if job is None and self._solo() and self.slots[1].done < len(self.seq) and len(self.seq) < limit:
+            job = self._job(1, len(self.seq))
+        return job
+
+    def _solo(self) -> bool:
+        return self.cost_aware and self.draft_len == 0 and len(self.slots) > 1 and not self.slots[1].via_hidden
+
+    def _blocked_job(self, limit: int) -> Job | None:
         for g in range(len(self.slots) - 1, 0, -1):
             slot, low = self.slots[g], self.slots[g - 1]
             waiting = low.approved - slot.approved
@@ -216,6 +241,7 @@ class Chain:
         finally:
             slot.busy_s += time.perf_counter() - t0
             slot.job_s.append(time.perf_counter() - t0)
+            slot.job_len.append(job.stop - job.start)
         return out
 
     def _finish(self, job: Job, out: TierOutput | str, gamma: int) -> None:
@@ -253,6 +279,15 @@ class Chain:
         """Tier g verifies the tokens the tier below approved, up to what it has predictions for."""
         slot, low, seq = self.slots[g], self.slots[g - 1], self.seq
         lo, hi = slot.approved, min(low.approved, slot.done + 1)
+        if g == 1 and self._solo() and lo == hi == len(seq) == slot.done:  # solo: the verifier's own token
+            pred = slot.preds[len(seq) - 1]
+            token = int(pred) if self.temperature <= 0 else int(torch.multinomial(pred, 1, generator=self.generator))
+            seq.append(token)
+            slot.produced += 1
+            slot.last_accepted = slot.last_drafted = 0
+            for s in self.slots[: g + 1]:
+                s.approved = len(seq)
+            return
         if hi <= lo:
             return
         draft = torch.tensor(seq[lo:hi])
@@ -307,6 +342,8 @@ class Chain:
         Sequential: grow on full acceptance, shrink on rejection. Pipelined: match the draft block to
         the verifier's forward time (median verify time / median device time per token).
         """
+        if self.cost_aware and job.g == 1:
+            return self._cost_aware(gamma)
         if not self.adaptive or job.g != 1 or len(self.slots) < 2:
             return gamma
         slot = self.slots[1]
@@ -318,6 +355,44 @@ class Chain:
             gamma = next_draft_len(gamma, slot.last_accepted, slot.last_drafted, self.min_draft, self.max_draft)
         self.draft_len = max(self.min_draft, min(self.max_draft, gamma))
         return self.draft_len
+
+    def acceptance_estimate(self) -> float:
+        """Per-token acceptance α from decayed counts, with a uniform prior ((a + 1) / (a + r + 2))."""
+        accepted, rejected = self.acceptance_counts
+        return (accepted + 1.0) / (accepted + rejected + 2.0)
+
+    def _cost_aware(self, gamma: int) -> int:
+        """Cost-aware draft length after a verification by tier 1 (acceptance.best_draft_len).
+
+        Costs are this run's medians: the device's time per drafted token and tier 1's forwards by
+        length (a line fitted over lengths). A verifier resuming from the device's hidden states
+        checks k positions and has no bonus token, and cannot run without the device (k ≥ 1 there:
+        k = 1 *is* its solo decoding); one reading token ids decodes alone at k = 0.
+        """
+        device, slot = self.slots[0], self.slots[1]
+        if slot.last_drafted:
+            rejected = float(slot.last_accepted < slot.last_drafted)
+            a, r = self.acceptance_counts
+            self.acceptance_counts = [0.9 * a + slot.last_accepted, 0.9 * r + rejected]
+        lowest = 1 if slot.via_hidden else 0
+        if gamma == 0:  # solo: re-probe drafting now and then, else the estimate never moves
+            self.solo_tokens += 1
+            if self.solo_tokens < self.probe_every:
+                return 0
+            self.solo_tokens = 0
+            self.draft_len = max(2, self.min_draft)
+            self.policy_log.append(self.draft_len)
+            return self.draft_len
+        drafts = [t for t, n in zip(device.job_s, device.job_len) if n == 1]
+        if len(drafts) < 2 or len(slot.job_s) < 2:
+            return gamma  # not measured yet
+        draft_s = sorted(drafts)[len(drafts) // 2]
+        verify_s = verify_costs(list(zip(slot.job_len, slot.job_s)), self.max_draft)
+        k, _ = best_draft_len(self.acceptance_estimate(), draft_s, verify_s, verify_s[1],
+                              bonus=not slot.via_hidden, lowest=lowest)
+        self.draft_len = k
+        self.policy_log.append(k)
+        return k
 
     def _drop(self, g: int, why: str) -> None:
         """A verifier failed: drop it and the tiers above; the chain goes on with what is left."""
@@ -337,6 +412,8 @@ class Chain:
             slot.preds.clear()
             slot.hidden.clear()
             slot.job_s.clear()
+            slot.job_len.clear()
+        self.acceptance_counts, self.solo_tokens = [0.0, 0.0], 0
 
     def _finished(self, prompt_len: int, max_new_tokens: int) -> bool:
         final = self.seq[prompt_len:self.slots[-1].approved]

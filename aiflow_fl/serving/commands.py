@@ -100,7 +100,7 @@ def build_chain(cfg: AiflowConfig, tiers: list[str], family: str | None = None, 
     blocks = [1] + ([s.cloud_block] if len(tiers) == 3 else [])
     options = dict(draft_len=s.draft_len, adaptive=s.adaptive, min_draft=s.min_draft_len, max_draft=max(s.max_draft_len, s.draft_len),
                    blocks=blocks, temperature=s.temperature, pipelined=s.pipelined, seed=s.seed, cores=cores,
-                   confidence=s.draft_confidence)
+                   confidence=s.draft_confidence, cost_aware=s.cost_aware, probe_every=s.probe_every)
     if not remote:
         return local_chain(members, reuse=s.reuse, draft_vocab=s.draft_vocab, links=links, eos_token_ids=eos, **options), tokenizer
     from aiflow_fl.serving.server import RemoteTier
