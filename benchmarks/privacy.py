@@ -1,6 +1,6 @@
-"""Privacy and edge-continual benchmark: the same small federation without DP and with DP-SGD at two
-noise levels, and a two-stage stream (standard-library source code, then pydoc topics) with and
-without replay.
+"""Privacy and edge-continual benchmark: the same small federation without DP and with DP-SGD (at two
+noise levels in the full mode), and a two-stage stream (standard-library source code, then pydoc
+topics) with and without replay.
 
 How it runs: every device round is ``aiflow_fl.federated.device.device_train`` with the ClientApp's
 own ``clients.app.training_hooks`` (so DP-SGD and the continual stages/replay are exactly what a
@@ -11,22 +11,44 @@ device starts from the global model with a fresh LoRA (``base`` = the global upd
 the server averages the devices' products exactly (``aiflow_fl.aggregation.flexlora.aggregate``,
 the ``fedavg`` strategy's rule) and folds the mean into the global update.
 
-Models: the embedded SmolLM2-135M-Instruct — an early-exit member of 2 layers for the DP runs, the whole
-model for the stream runs (see :func:`settings`); --quick runs fewer examples, rounds and steps.
+Model: the embedded SmolLM2-135M-Instruct, whole (``full``), with LoRA on the last two decoder layers
+only. Why: every early-exit member of this backbone starts degenerate (held-out loss ≈ 19, accuracy
+≈ 0.04: the tied LM head reads early features as "repeat the current token") and needs tens of steps
+before its accuracy moves at all, so within a minute its "gain" is noise; the whole model starts
+sensible (≈ 0.16 next-token accuracy on 8-token pydoc chunks) and LoRA on its last layers adapts it
+to the device data in a few steps, while backpropagation stops at the first adapted layer (the
+frozen 28 layers below cost a forward pass only).
+
+DP levers (see :func:`settings`): many examples per device at a fixed batch (q = 1/64, so the
+accountant lets σ ≈ 0.45 reach ε = 8 over the run's 4 steps), 8-token chunks so the expected batch
+of 32 examples stays cheap. Stream levers: a high learning rate and a small batch (an Adam step has
+the same size whatever the batch), so the stage-1 rounds on pydoc overwrite what stage 0 learnt on
+code; replay mixes half of every stage-1 batch from a buffer of stage-0 examples.
+
+The two stream runs share their stage-0 rounds: replay only acts once stage 1 starts (the buffer is
+filled from the finished stage 0), so the stage-0 rounds run once and both runs continue from the
+same global model and device states (``context.state`` copied) — same compute, same starting point.
+
+Threads: on this shared 2-core machine two torch threads can be 2.5× slower than one while another
+process holds a core (measured: 1.19 s vs 0.47 s per forward); :func:`pick_threads` times the
+member's forward with 1 and 2 threads and keeps the faster.
 
 Figures: ``dp_epsilon`` (the largest ε any device reports after the whole run for the ε ≤ 8 run,
 δ = ``dp_delta``), ``heldout_acc_untrained``, ``heldout_acc_no_dp``, ``heldout_acc_dp`` (ε ≤ 8),
-``heldout_acc_dp_strong`` (the second, noisier level), ``dp_gain_kept`` = (acc_dp − untrained) /
-(acc_no_dp − untrained), ``forgetting_no_replay``, ``forgetting_replay`` (drop of stage-0 accuracy
-from its best, after the stage-1 rounds; same steps and batch size in both runs).
+``heldout_acc_dp_strong`` (the second, noisier level; full mode), ``dp_gain_kept`` = (acc_dp −
+untrained) / (acc_no_dp − untrained) and ``dp_loss_gain_kept`` (the same on held-out loss),
+``forgetting_no_replay``, ``forgetting_replay`` (drop of stage-0 accuracy from its best, after the
+stage-1 rounds; same steps and batch size in both runs).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from rich.console import Console
@@ -38,61 +60,126 @@ from aiflow_fl.bench import results_dir
 from aiflow_fl.config import AiflowConfig, load_config
 
 DELTA = 1e-5
+MODEL = "smollm2-135m-instruct"
+LORA_MODULES = ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def last_layer_targets(num_layers: int, last: int = 2) -> str:
+    """LoRA target list (module paths, which peft matches by suffix) for the last ``last`` decoder layers."""
+    paths = [f"model.layers.{layer}.{m}" for layer in range(num_layers - last, num_layers) for m in LORA_MODULES]
+    return "[" + ",".join(paths) + "]"
 
 
 def settings(quick: bool) -> dict[str, Any]:
-    """DP runs: the embedded SmolLM2-135M-Instruct as an early-exit member of 2 layers (``exit-2``: the LM
-    head reads layer 2's features), LoRA on every linear of those layers; its untrained accuracy is
-    low, so a few rounds show a clear gain — the quantity DP has to preserve. Stream runs: the whole
-    model (``full``), which is already good on both domains, so training on the second domain can
-    visibly cost accuracy on the first (a broken early-exit member improves on any text)."""
-    common = dict(model="smollm2-135m-instruct", member="exit-2", seq_len=32, heldout=32, batch=16, lr=1e-2,
-                  devices=2, targets="[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
-                  continual_member="full", continual_lr=2e-3, continual_batch=8)
+    """DP part: 2 devices × ``examples`` 8-token chunks of pydoc, expected batch 32, ``rounds`` ×
+    ``steps``; stream part: 2 devices, 16-token chunks, batch 8, lr 1e-2, ``stream_rounds_per_stage``
+    rounds of ``stream_steps`` steps per stage. Quick mode: one DP level, evaluation at the end only."""
+    common = dict(model=MODEL, member="full", devices=2, rank=8,
+                  seq_len=8, batch=32, examples=2048, heldout=64, lr=5e-3, max_grad_norm=1.0,
+                  stream_seq_len=16, stream_batch=8, stream_examples=128, stream_heldout=32, stream_lr=1e-2,
+                  buffer=32, replay_fraction=0.5)
     if quick:
-        return common | dict(examples=48, rounds=2, steps=3, continual_rounds=2, continual_steps=3)
-    return common | dict(examples=96, rounds=3, steps=5, continual_rounds=4, continual_steps=4)
+        return common | dict(rounds=2, steps=2, strong_level=False, eval_every_round=False,
+                             stream_rounds_per_stage=1, stream_steps=3)
+    return common | dict(rounds=3, steps=2, strong_level=True, eval_every_round=True,
+                         stream_rounds_per_stage=2, stream_steps=3)
 
 
-def make_config(s: dict[str, Any], *extra: str) -> AiflowConfig:
+def make_config(s: dict[str, Any], targets: str, *extra: str) -> AiflowConfig:
     return load_config([
-        f"model.name={s['model']}", f"federation.members=[{s['member']}]", "federation.ranks=[8]",
+        f"model.name={s['model']}", f"federation.members=[{s['member']}]", f"federation.ranks=[{s['rank']}]",
         f"federation.num_devices={s['devices']}", f"federation.rounds={s['rounds']}", "data.source=pydoc",
         "data.partitioner=iid", f"data.seq_len={s['seq_len']}", f"data.max_examples_per_client={s['examples']}",
         f"data.max_heldout_examples={s['heldout']}", f"train.batch_size={s['batch']}",
-        f"train.local_steps={s['steps']}", f"train.lr={s['lr']}", "privacy.delta=1e-5",
-        f"lora.target_modules={s['targets']}", *extra,
+        f"train.local_steps={s['steps']}", f"train.lr={s['lr']}", f"privacy.delta={DELTA}",
+        f"privacy.max_grad_norm={s['max_grad_norm']}", f"lora.target_modules={targets}", "train.eval_batch_size=32",
+        "family.dir=/nonexistent",  # the backbone's own members, even where a family has been built
+        *extra,
     ])
 
 
-def run_federation(cfg: AiflowConfig, evaluate: Any) -> dict[str, Any]:
-    """R rounds of FedAvg over the devices (see the module doc); ``evaluate(merged, round)`` after each."""
+def stream_config(s: dict[str, Any], targets: str, replay: bool) -> AiflowConfig:
+    """Two stages (stdlib code, then pydoc); both runs keep a buffer of the same size (the buffer
+    state is shared through the common stage-0 rounds), only the replay run draws from it."""
+    rounds = 2 * s["stream_rounds_per_stage"]
+    return make_config(
+        s, targets, f"federation.rounds={rounds}", f"train.local_steps={s['stream_steps']}",
+        f"train.lr={s['stream_lr']}", f"train.batch_size={s['stream_batch']}", f"data.seq_len={s['stream_seq_len']}",
+        f"data.max_examples_per_client={s['stream_examples']}", f"data.max_heldout_examples={s['stream_heldout']}",
+        "continual.enabled=true", "continual.stages=2", "continual.domains=[stdlib,pydoc]",
+        f"continual.buffer_size={s['buffer']}",
+        *(["continual.replay=reservoir", f"continual.replay_fraction={s['replay_fraction']}"] if replay
+          else ["continual.replay=none"]),
+    )
+
+
+def pick_threads(cfg: AiflowConfig, seq_len: int) -> int:
+    """1 or 2 torch threads, whichever runs the member's forward faster right now (see module doc)."""
+    from aiflow_fl.federated.member import load_member
+
+    model = load_member(cfg, cfg.federation.members[0]).model
+    ids = torch.randint(0, model.config.vocab_size, (16, seq_len), generator=torch.Generator().manual_seed(0))
+    best: tuple[float, int] = (float("inf"), 1)
+    for threads in range(1, min(2, os.cpu_count() or 1) + 1):
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            model(input_ids=ids)  # warm-up
+            seconds = []
+            for _ in range(2):
+                t0 = time.perf_counter()
+                model(input_ids=ids)
+                seconds.append(time.perf_counter() - t0)
+        best = min(best, (min(seconds), threads))
+    torch.set_num_threads(best[1])
+    return best[1]
+
+
+@dataclass
+class Federation:
+    """Server and device state of an in-process FedAvg run (see the module doc)."""
+
+    contexts: list[Any]
+    base: dict = field(default_factory=dict)
+    round: int = 0
+    evals: list[tuple[int, Any]] = field(default_factory=list)  # (round, evaluation)
+    devices: list[list[dict[str, float]]] = field(default_factory=list)  # per round, per device metrics
+    seconds: float = 0.0
+
+
+def start_federation(cfg: AiflowConfig) -> Federation:
     from flwr.app import Context, RecordDict
 
+    n = cfg.federation.num_devices
+    return Federation([Context(run_id=1, node_id=i, node_config={"partition-id": i, "num-partitions": n},
+                               state=RecordDict(), run_config={}) for i in range(n)])
+
+
+def run_rounds(fed: Federation, cfg: AiflowConfig, last_round: int, evaluate: Callable[[Any, int], Any],
+               eval_rounds: set[int]) -> Federation:
+    """FedAvg rounds ``fed.round + 1 .. last_round``; ``evaluate(merged, round)`` after the rounds in
+    ``eval_rounds``."""
     from clients.app import load_state, save_state, training_hooks
     from aiflow_fl.federated.device import device_profile, device_train
 
-    n = cfg.federation.num_devices
-    contexts = [Context(run_id=1, node_id=i, node_config={"partition-id": i, "num-partitions": n},
-                        state=RecordDict(), run_config={}) for i in range(n)]
-    base: dict = {}
-    evals = [evaluate(None, 0)]
-    device_metrics: list[list[dict[str, float]]] = []
-    for server_round in range(1, cfg.federation.rounds + 1):
+    t0 = time.perf_counter()
+    for server_round in range(fed.round + 1, last_round + 1):
         updates, metrics = [], []
-        for context in contexts:
+        for context in fed.contexts:
             profile = device_profile(dict(context.node_config), cfg)
             state = load_state(context)
-            update, m = device_train(cfg, profile, state, AdapterUpdate(base, 0) if base else None, None,
+            update, m = device_train(cfg, profile, state, AdapterUpdate(fed.base, 0) if fed.base else None, None,
                                      server_round, cfg.train.local_steps, cfg.train.lr,
                                      hooks=training_hooks(cfg, state, profile))
             save_state(context, state)
             updates.append(update)
             metrics.append(m)
-        base = lowrank.add([base, flexlora.aggregate(updates).merged()])
-        device_metrics.append(metrics)
-        evals.append(evaluate(AdapterUpdate(base, 0), server_round))
-    return {"evals": evals, "devices": device_metrics}
+        fed.base = lowrank.add([fed.base, flexlora.aggregate(updates).merged()])
+        fed.devices.append(metrics)
+        fed.round = server_round
+        if server_round in eval_rounds:
+            fed.evals.append((server_round, evaluate(AdapterUpdate(fed.base, 0), server_round)))
+    fed.seconds += time.perf_counter() - t0
+    return fed
 
 
 def central_eval(cfg: AiflowConfig):
@@ -122,7 +209,7 @@ def stage_eval(cfg: AiflowConfig):
     return run
 
 
-def plot(path: Path, dp_runs: dict[str, dict], continual_runs: dict[str, dict]) -> None:
+def plot(path: Path, dp_runs: dict[str, Federation], stream_runs: dict[str, Federation]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,26 +217,24 @@ def plot(path: Path, dp_runs: dict[str, dict], continual_runs: dict[str, dict]) 
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     ax = axes[0]
-    for label, run in dp_runs.items():
-        ax.plot(range(len(run["evals"])), [a for a, _ in run["evals"]], marker="o", label=label)
+    for label, fed in dp_runs.items():
+        ax.plot([r for r, _ in fed.evals], [a for _, (a, _) in fed.evals], marker="o", label=label)
     ax.set(xlabel="round", ylabel="central held-out next-token accuracy", title="accuracy with and without DP")
     ax.legend(fontsize=8)
     ax = axes[1]
-    for label, run in dp_runs.items():
-        if "dp-epsilon" not in run["devices"][0][0]:
+    for label, fed in dp_runs.items():
+        if "dp-epsilon" not in fed.devices[0][0]:
             continue
-        for d in range(len(run["devices"][0])):
-            eps = [ms[d]["dp-epsilon"] for ms in run["devices"]]
+        for d in range(len(fed.devices[0])):
+            eps = [ms[d]["dp-epsilon"] for ms in fed.devices]
             ax.plot(range(1, len(eps) + 1), eps, marker="o", label=f"{label}, device {d}")
     ax.axhline(8.0, color="grey", lw=0.8, ls="--")
     ax.set(xlabel="round", ylabel=f"ε (δ={DELTA:g}), composed over the run", title="privacy spent per device")
     ax.legend(fontsize=7)
     ax = axes[2]
-    for (label, run), style in zip(continual_runs.items(), ("-", "--")):
-        history = run["evals"][1:]
-        for stage in sorted({j for h in history for j in h}):
-            points = [(r + 1, h[stage][0]) for r, h in enumerate(history) if stage in h]
-            xs, ys = zip(*points)
+    for (label, fed), style in zip(stream_runs.items(), ("-", "--")):
+        for stage in sorted({j for _, h in fed.evals for j in h}):
+            xs, ys = zip(*[(r, h[stage][0]) for r, h in fed.evals if stage in h])
             ax.plot(xs, ys, style, marker="o", label=f"{label}: stage {stage}")
     ax.set(xlabel="round", ylabel="held-out accuracy of the stage", title="two-stage stream: stdlib code → pydoc")
     ax.legend(fontsize=7)
@@ -160,100 +245,113 @@ def plot(path: Path, dp_runs: dict[str, dict], continual_runs: dict[str, dict]) 
 
 def run(quick: bool = False) -> dict[str, Any]:
     from aiflow_fl.continual import forgetting
+    from aiflow_fl.federated.member import load_member
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
     start = time.perf_counter()
     s = settings(quick)
     console = Console()
+    num_layers = load_member(make_config(s, "[q_proj]"), s["member"]).num_layers
+    targets = last_layer_targets(num_layers)
+    base_cfg = make_config(s, targets)
+    threads = pick_threads(base_cfg, s["seq_len"])
 
-    dp_runs: dict[str, dict] = {}
-    for label, extra in (
-        ("no DP", []),
-        ("DP ε≤8", ["privacy.enabled=true", "privacy.target_epsilon=8", "privacy.max_grad_norm=1.0"]),
-        ("DP ε≤1", ["privacy.enabled=true", "privacy.target_epsilon=1", "privacy.max_grad_norm=1.0"]),
-    ):
-        cfg = make_config(s, *extra)
-        t0 = time.perf_counter()
-        dp_runs[label] = run_federation(cfg, central_eval(cfg))
-        dp_runs[label]["seconds"] = time.perf_counter() - t0
+    # DP: the untrained member is evaluated once (the same held-out set for every run).
+    evaluate = central_eval(base_cfg)
+    untrained, untrained_loss = evaluate(None, 0)
+    rounds = s["rounds"]
+    eval_rounds = set(range(1, rounds + 1)) if s["eval_every_round"] else {rounds}
+    levels = [("no DP", []), ("DP ε≤8", ["privacy.enabled=true", "privacy.target_epsilon=8"])]
+    if s["strong_level"]:
+        levels.append(("DP ε≤1", ["privacy.enabled=true", "privacy.target_epsilon=1"]))
+    dp_runs: dict[str, Federation] = {}
+    for label, extra in levels:
+        cfg = make_config(s, targets, *extra)
+        fed = start_federation(cfg)
+        fed.evals.append((0, (untrained, untrained_loss)))
+        dp_runs[label] = run_rounds(fed, cfg, rounds, evaluate, eval_rounds)
 
-    continual_runs: dict[str, dict] = {}
-    for label, replay in (("no replay", ["continual.replay=none"]),
-                          ("replay", ["continual.replay=reservoir", "continual.replay_fraction=0.5",
-                                      "continual.buffer_size=32"])):
-        cfg = make_config(s, f"federation.rounds={s['continual_rounds']}", f"train.local_steps={s['continual_steps']}",
-                          f"federation.members=[{s['continual_member']}]", f"train.lr={s['continual_lr']}",
-                          f"train.batch_size={s['continual_batch']}", "continual.enabled=true",
-                          # Code first, then documentation: fine-tuning the full model on pydoc costs it
-                          # accuracy on stdlib code (measured 0.38 -> 0.32 after 6 steps), while code
-                          # training does not hurt pydoc; so this order is where forgetting shows.
-                          "continual.stages=2", "continual.domains=[stdlib,pydoc]", *replay)
-        t0 = time.perf_counter()
-        continual_runs[label] = run_federation(cfg, stage_eval(cfg))
-        continual_runs[label]["seconds"] = time.perf_counter() - t0
+    # Stream: shared stage-0 rounds, then stage 1 without and with replay (module doc).
+    per_stage = s["stream_rounds_per_stage"]
+    no_replay_cfg, replay_cfg = stream_config(s, targets, False), stream_config(s, targets, True)
+    stage_evaluate = stage_eval(no_replay_cfg)  # same stages, chunks and held-out sets in both runs
+    every = set(range(1, 2 * per_stage + 1))
+    prefix = run_rounds(start_federation(no_replay_cfg), no_replay_cfg, per_stage, stage_evaluate, every)
+    stream_runs = {label: run_rounds(copy.deepcopy(prefix), cfg, 2 * per_stage, stage_evaluate, every)
+                   for label, cfg in (("no replay", no_replay_cfg), ("replay", replay_cfg))}
 
-    untrained, untrained_loss = dp_runs["no DP"]["evals"][0]
-    acc = {label: run["evals"][-1][0] for label, run in dp_runs.items()}
-    loss = {label: run["evals"][-1][1] for label, run in dp_runs.items()}
-    eps = {label: max(m["dp-epsilon"] for m in run["devices"][-1]) for label, run in dp_runs.items() if label != "no DP"}
-    sigma = {label: run["devices"][-1][0]["dp-noise-multiplier"] for label, run in dp_runs.items() if label != "no DP"}
+    acc = {label: fed.evals[-1][1][0] for label, fed in dp_runs.items()}
+    loss = {label: fed.evals[-1][1][1] for label, fed in dp_runs.items()}
+    private = [label for label in dp_runs if label != "no DP"]
+    eps = {label: max(m["dp-epsilon"] for m in dp_runs[label].devices[-1]) for label in private}
+    sigma = {label: dp_runs[label].devices[-1][0]["dp-noise-multiplier"] for label in private}
     gain = acc["no DP"] - untrained
-    kept = (acc["DP ε≤8"] - untrained) / gain if gain > 0 else float("nan")
+    kept = {label: (acc[label] - untrained) / gain if gain > 0 else float("nan") for label in dp_runs}
     loss_gain = untrained_loss - loss["no DP"]
-    kept_loss = (untrained_loss - loss["DP ε≤8"]) / loss_gain if loss_gain > 0 else float("nan")
+    kept_loss = {label: (untrained_loss - loss[label]) / loss_gain if loss_gain > 0 else float("nan")
+                 for label in dp_runs}
     # Forgetting of stage 0 after the stage-1 rounds: by accuracy (the issue's figure) and by loss.
-    forget = {label: forgetting([{j: a for j, (a, _) in h.items()} for h in run["evals"][1:]]).get(0, float("nan"))
-              for label, run in continual_runs.items()}
-    forget_loss = {label: forgetting([{j: -l for j, (_, l) in h.items()} for h in run["evals"][1:]]).get(0, float("nan"))
-                   for label, run in continual_runs.items()}
-    final_stage = {label: {j: a for j, (a, _) in run["evals"][-1].items()} for label, run in continual_runs.items()}
+    forget = {label: forgetting([{j: a for j, (a, _) in h.items()} for _, h in fed.evals]).get(0, float("nan"))
+              for label, fed in stream_runs.items()}
+    forget_loss = {label: forgetting([{j: -l for j, (_, l) in h.items()} for _, h in fed.evals]).get(0, float("nan"))
+                   for label, fed in stream_runs.items()}
+    final_stage = {label: {j: a for j, (a, _) in fed.evals[-1][1].items()} for label, fed in stream_runs.items()}
+    stage0_best = {label: max(h[0][0] for _, h in fed.evals) for label, fed in stream_runs.items()}
 
     out_dir = results_dir("privacy")
-    plot(out_dir / "privacy.png", dp_runs, continual_runs)
+    plot(out_dir / "privacy.png", dp_runs, stream_runs)
 
-    table = Table(title=f"privacy (SmolLM2 {s['member']}) + stream ({s['continual_member']}){', quick' if quick else ''}, "
-                        f"{s['devices']} devices, {s['rounds']} rounds × {s['steps']} steps, batch {s['batch']})")
-    for col in ("run", "σ", f"ε (δ={DELTA:g})", "held-out acc", "held-out loss", "acc gain kept", "s"):
+    table = Table(title=f"privacy: SmolLM2 {s['member']}, LoRA r{s['rank']} on the last 2 layers, {s['devices']} devices, "
+                        f"{rounds} rounds × {s['steps']} steps, batch {s['batch']} of {s['seq_len']} tokens, "
+                        f"{s['examples']} examples/device{', quick' if quick else ''} | stream: batch {s['stream_batch']}, "
+                        f"{per_stage} round(s) × {s['stream_steps']} steps per stage | {threads} thread(s)")
+    for col in ("run", "σ", f"ε (δ={DELTA:g})", "held-out acc", "held-out loss", "acc gain kept", "loss gain kept", "s"):
         table.add_column(col)
-    table.add_row("untrained member", "", "", f"{untrained:.4f}", f"{untrained_loss:.3f}", "", "")
-    for label, run in dp_runs.items():
-        g = (acc[label] - untrained) / gain if gain > 0 else float("nan")
-        table.add_row(label, f"{sigma.get(label, 0):.3f}" if label in sigma else "-",
-                      f"{eps[label]:.3f}" if label in eps else "∞", f"{acc[label]:.4f}", f"{loss[label]:.3f}",
-                      f"{g:.1%}", f"{run['seconds']:.0f}")
-    for label, run in continual_runs.items():
+    table.add_row("untrained member", "", "", f"{untrained:.4f}", f"{untrained_loss:.3f}", "", "", "")
+    for label, fed in dp_runs.items():
+        table.add_row(label, f"{sigma[label]:.3f}" if label in sigma else "-", f"{eps[label]:.3f}" if label in eps else "∞",
+                      f"{acc[label]:.4f}", f"{loss[label]:.3f}", f"{kept[label]:.1%}", f"{kept_loss[label]:.1%}",
+                      f"{fed.seconds:.0f}")
+    for label, fed in stream_runs.items():
         accs = ", ".join(f"stage {j}: {a:.4f}" for j, a in sorted(final_stage[label].items()))
-        table.add_row(f"stream, {label}", "", "", accs, f"forgetting (loss) {forget_loss[label]:.3f}",
-                      f"forgetting {forget[label]:.4f}", f"{run['seconds']:.0f}")
+        table.add_row(f"stream, {label}", "", "", accs, f"stage-0 best {stage0_best[label]:.4f}",
+                      f"forgetting {forget[label]:.4f}", f"(loss) {forget_loss[label]:.3f}", f"{fed.seconds:.0f}")
     console.print(table)
 
     return {
         "model": s["model"],
         "member": s["member"],
-        "continual_member": s["continual_member"],
+        "lora_targets": targets,
         "devices": s["devices"],
-        "rounds": s["rounds"],
+        "rounds": rounds,
         "local_steps": s["steps"],
+        "batch_size": s["batch"],
+        "examples_per_device": s["examples"],
+        "seq_len": s["seq_len"],
+        "threads": threads,
         "dp_epsilon": eps["DP ε≤8"],
         "dp_delta": DELTA,
         "dp_noise_multiplier": sigma["DP ε≤8"],
-        "dp_epsilon_strong": eps["DP ε≤1"],
-        "dp_noise_multiplier_strong": sigma["DP ε≤1"],
+        "dp_sample_rate": dp_runs["DP ε≤8"].devices[-1][0]["dp-sample-rate"],
+        **({"dp_epsilon_strong": eps["DP ε≤1"], "dp_noise_multiplier_strong": sigma["DP ε≤1"],
+            "heldout_acc_dp_strong": acc["DP ε≤1"], "dp_gain_kept_strong": kept["DP ε≤1"]} if "DP ε≤1" in dp_runs else {}),
         "heldout_acc_untrained": untrained,
         "heldout_acc_no_dp": acc["no DP"],
         "heldout_acc_dp": acc["DP ε≤8"],
-        "heldout_acc_dp_strong": acc["DP ε≤1"],
-        "dp_gain_kept": kept,
+        "dp_gain_kept": kept["DP ε≤8"],
         "heldout_loss_untrained": untrained_loss,
         "heldout_loss_no_dp": loss["no DP"],
         "heldout_loss_dp": loss["DP ε≤8"],
-        "dp_loss_gain_kept": kept_loss,
+        "dp_loss_gain_kept": kept_loss["DP ε≤8"],
+        "stream_rounds_per_stage": per_stage,
+        "stream_local_steps": s["stream_steps"],
         "forgetting_no_replay": forget["no replay"],
         "forgetting_replay": forget["replay"],
         "forgetting_loss_no_replay": forget_loss["no replay"],
         "forgetting_loss_replay": forget_loss["replay"],
+        "stage0_best_acc": stage0_best,
         "stage_acc_no_replay": {str(k): v for k, v in final_stage["no replay"].items()},
         "stage_acc_replay": {str(k): v for k, v in final_stage["replay"].items()},
+        "run_seconds": {label: round(fed.seconds, 1) for label, fed in {**dp_runs, **stream_runs}.items()},
         "plot": str(out_dir / "privacy.png"),
         "seconds": round(time.perf_counter() - start, 1),
     }
