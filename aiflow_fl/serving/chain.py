@@ -413,7 +413,7 @@ class Chain:
             slot.hidden.clear()
             slot.job_s.clear()
             slot.job_len.clear()
-        self.acceptance_counts, self.solo_tokens = [0.0, 0.0], 0
+        self.acceptance_counts, self.solo_tokens, self.policy_log = [0.0, 0.0], 0, []
 
     def _finished(self, prompt_len: int, max_new_tokens: int) -> bool:
         final = self.seq[prompt_len:self.slots[-1].approved]
@@ -442,4 +442,6 @@ class Chain:
             tiers.append(row)
         return {"new_tokens": new_tokens, "seconds": round(seconds, 3),
                 "tokens_per_s": round(new_tokens / seconds, 2) if seconds > 0 else 0.0,
-                "tiers": tiers, "warnings": list(self.warnings)}
+                "tiers": tiers, "warnings": list(self.warnings),
+                **({"draft_lens_chosen": {str(k): self.policy_log.count(k) for k in sorted(set(self.policy_log))},
+                    "acceptance_estimate": round(self.acceptance_estimate(), 3)} if self.cost_aware else {})}
