@@ -34,6 +34,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "family.branch_training.subset": ("all", "random", "sequential", "loss_adaptive"),
     "family.branch_training.data": ("text", "self"),
     "privacy.accountant": ("rdp", "prv"),
+    "privacy.optimizer": ("adamw", "sgd"),
     "continual.replay": ("none", "reservoir", "stage"),
 }
 
@@ -149,6 +150,10 @@ class PrivacyConfig:
     delta: float = 1e-5  # must be < 1 / (examples on the device)
     max_grad_norm: float = 1.0  # per-example clipping bound C
     accountant: str = "rdp"  # rdp | prv (Opacus accountants)
+    # Device optimizer under DP: adamw (the training loop's own) or sgd (plain DP-SGD: the noise enters the
+    # update linearly, where Adam would scale every noisy coordinate to a full step).
+    optimizer: str = "adamw"
+    lr: Optional[float] = None  # learning rate under DP; null: the round's train.lr
     # Central DP: Flower's DifferentialPrivacyServerSideFixedClipping around the strategy
     # (unit protected: one device's whole update per round).
     server_side: bool = False

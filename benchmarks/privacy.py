@@ -30,8 +30,8 @@ filled from the finished stage 0), so the stage-0 rounds run once and both runs 
 same global model and device states (``context.state`` copied) — same compute, same starting point.
 
 Threads: on this shared 2-core machine two torch threads can be 2.5× slower than one while another
-process holds a core (measured: 1.19 s vs 0.47 s per forward); :func:`pick_threads` times the
-member's forward with 1 and 2 threads and keeps the faster.
+process holds a core (measured: 1.19 s vs 0.47 s per forward); :func:`pick_threads` uses two only
+when /proc/stat shows both cores idle.
 
 Figures: ``dp_epsilon`` (the largest ε any device reports after the whole run for the ε ≤ 8 run,
 δ = ``dp_delta``), ``heldout_acc_untrained``, ``heldout_acc_no_dp``, ``heldout_acc_dp`` (ε ≤ 8),
@@ -76,6 +76,7 @@ def settings(quick: bool) -> dict[str, Any]:
     rounds of ``stream_steps`` steps per stage. Quick mode: one DP level, evaluation at the end only."""
     common = dict(model=MODEL, member="full", devices=2, rank=8,
                   seq_len=8, batch=32, examples=2048, heldout=64, lr=5e-3, max_grad_norm=1.0,
+                  dp_optimizer="sgd", dp_lr=1.0,
                   stream_seq_len=16, stream_batch=8, stream_examples=128, stream_heldout=32, stream_lr=1e-2,
                   buffer=32, replay_fraction=0.5)
     if quick:
@@ -113,25 +114,33 @@ def stream_config(s: dict[str, Any], targets: str, replay: bool) -> AiflowConfig
     )
 
 
-def pick_threads(cfg: AiflowConfig, seq_len: int) -> int:
-    """1 or 2 torch threads, whichever runs the member's forward faster right now (see module doc)."""
-    from aiflow_fl.federated.member import load_member
+def idle_cores(window_s: float = 0.3) -> float | None:
+    """Cores left idle by every other process over ``window_s`` (Linux ``/proc/stat``; None elsewhere).
+    This process sleeps meanwhile, so what is busy is busy for someone else."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as fh:
+            values = [int(v) for v in fh.readline().split()[1:]]
+        return values[3] + values[4], sum(values)  # idle + iowait, all
 
-    model = load_member(cfg, cfg.federation.members[0]).model
-    ids = torch.randint(0, model.config.vocab_size, (16, seq_len), generator=torch.Generator().manual_seed(0))
-    best: tuple[float, int] = (float("inf"), 1)
-    for threads in range(1, min(2, os.cpu_count() or 1) + 1):
-        torch.set_num_threads(threads)
-        with torch.no_grad():
-            model(input_ids=ids)  # warm-up
-            seconds = []
-            for _ in range(2):
-                t0 = time.perf_counter()
-                model(input_ids=ids)
-                seconds.append(time.perf_counter() - t0)
-        best = min(best, (min(seconds), threads))
-    torch.set_num_threads(best[1])
-    return best[1]
+    try:
+        idle0, total0 = sample()
+        time.sleep(window_s)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    cores = os.cpu_count() or 1
+    return cores * (idle1 - idle0) / max(1, total1 - total0)
+
+
+def pick_threads() -> int:
+    """torch threads for this run: 2 when two cores are free, else 1 — on this shared 2-core machine a
+    2-thread forward is 2.5× slower than a 1-thread one while another process holds a core (measured
+    1.19 s vs 0.47 s), because every op waits for its slower thread."""
+    idle = idle_cores()
+    cores = min(2, os.cpu_count() or 1)
+    threads = cores if idle is None else max(1, min(cores, int(idle + 0.25)))
+    torch.set_num_threads(threads)
+    return threads
 
 
 @dataclass
@@ -155,7 +164,7 @@ def start_federation(cfg: AiflowConfig) -> Federation:
 
 
 def run_rounds(fed: Federation, cfg: AiflowConfig, last_round: int, evaluate: Callable[[Any, int], Any],
-               eval_rounds: set[int]) -> Federation:
+               eval_rounds: set[int], make_optimizer: Callable[..., torch.optim.Optimizer] | None = None) -> Federation:
     """FedAvg rounds ``fed.round + 1 .. last_round``; ``evaluate(merged, round)`` after the rounds in
     ``eval_rounds``."""
     from clients.app import load_state, save_state, training_hooks
@@ -167,9 +176,11 @@ def run_rounds(fed: Federation, cfg: AiflowConfig, last_round: int, evaluate: Ca
         for context in fed.contexts:
             profile = device_profile(dict(context.node_config), cfg)
             state = load_state(context)
+            hooks = training_hooks(cfg, state, profile)
+            if make_optimizer is not None:
+                hooks.make_optimizer = make_optimizer
             update, m = device_train(cfg, profile, state, AdapterUpdate(fed.base, 0) if fed.base else None, None,
-                                     server_round, cfg.train.local_steps, cfg.train.lr,
-                                     hooks=training_hooks(cfg, state, profile))
+                                     server_round, cfg.train.local_steps, cfg.train.lr, hooks=hooks)
             save_state(context, state)
             updates.append(update)
             metrics.append(m)
@@ -253,16 +264,17 @@ def run(quick: bool = False) -> dict[str, Any]:
     num_layers = load_member(make_config(s, "[q_proj]"), s["member"]).num_layers
     targets = last_layer_targets(num_layers)
     base_cfg = make_config(s, targets)
-    threads = pick_threads(base_cfg, s["seq_len"])
+    threads = pick_threads()
 
     # DP: the untrained member is evaluated once (the same held-out set for every run).
     evaluate = central_eval(base_cfg)
     untrained, untrained_loss = evaluate(None, 0)
     rounds = s["rounds"]
     eval_rounds = set(range(1, rounds + 1)) if s["eval_every_round"] else {rounds}
-    levels = [("no DP", []), ("DP ε≤8", ["privacy.enabled=true", "privacy.target_epsilon=8"])]
+    private = ["privacy.enabled=true", f"privacy.optimizer={s['dp_optimizer']}", f"privacy.lr={s['dp_lr']}"]
+    levels = [("no DP", []), ("DP ε≤8", [*private, "privacy.target_epsilon=8"])]
     if s["strong_level"]:
-        levels.append(("DP ε≤1", ["privacy.enabled=true", "privacy.target_epsilon=1"]))
+        levels.append(("DP ε≤1", [*private, "privacy.target_epsilon=1"]))
     dp_runs: dict[str, Federation] = {}
     for label, extra in levels:
         cfg = make_config(s, targets, *extra)
@@ -332,6 +344,9 @@ def run(quick: bool = False) -> dict[str, Any]:
         "dp_delta": DELTA,
         "dp_noise_multiplier": sigma["DP ε≤8"],
         "dp_sample_rate": dp_runs["DP ε≤8"].devices[-1][0]["dp-sample-rate"],
+        "dp_max_grad_norm": s["max_grad_norm"],
+        "optimizer_no_dp": f"adamw lr={s['lr']}",
+        "optimizer_dp": f"{s['dp_optimizer']} lr={s['dp_lr']}",
         **({"dp_epsilon_strong": eps["DP ε≤1"], "dp_noise_multiplier_strong": sigma["DP ε≤1"],
             "heldout_acc_dp_strong": acc["DP ε≤1"], "dp_gain_kept_strong": kept["DP ε≤1"]} if "DP ε≤1" in dp_runs else {}),
         "heldout_acc_untrained": untrained,

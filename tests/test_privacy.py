@@ -299,3 +299,30 @@ def test_central_dp_noise_has_std_sigma_c_over_m() -> None:
     dp = central_dp_method(flexlora.aggregate, noise_multiplier=1.5, clipping_norm=0.2, seed=3)
     noise = torch.cat([d.flatten() for d in _dense(dp(zero).adapter).values()])
     assert float(noise.std()) == pytest.approx(1.5 * 0.2 / 2, rel=0.1)
+
+
+def test_dp_optimizer_and_lr_come_from_the_privacy_section() -> None:
+    """privacy.optimizer=sgd gives the device plain DP-SGD at privacy.lr (or the round's lr); the
+    ClientApp's hooks use it only when DP is on; bad values are refused before training."""
+    from clients.app import training_hooks
+    from aiflow_fl.config import load_config
+    from aiflow_fl.federated.device import DeviceState
+    from aiflow_fl.federated.local import default_optimizer
+    from aiflow_fl.privacy import check_config, dp_optimizer_factory
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    sgd = dp_optimizer_factory(load_config(["privacy.optimizer=sgd", "privacy.lr=0.25"]).privacy, default_optimizer)
+    assert type(sgd(params, 1e-3)) is torch.optim.SGD and sgd(params, 1e-3).param_groups[0]["lr"] == 0.25
+    round_lr = dp_optimizer_factory(load_config(["privacy.optimizer=sgd"]).privacy, default_optimizer)(params, 1e-3)
+    assert round_lr.param_groups[0]["lr"] == 1e-3
+    adamw = dp_optimizer_factory(load_config([]).privacy, default_optimizer)(params, 1e-3)
+    assert type(adamw) is type(default_optimizer(params, 1e-3))
+
+    on = load_config(["privacy.enabled=true", "privacy.optimizer=sgd", "privacy.lr=0.5"])
+    assert type(training_hooks(on, DeviceState()).make_optimizer(params, 1e-3)) is torch.optim.SGD
+    off = load_config(["privacy.optimizer=sgd", "privacy.lr=0.5"])  # DP off: the loop's own optimizer
+    assert type(training_hooks(off, DeviceState()).make_optimizer(params, 1e-3)) is type(adamw)
+    with pytest.raises(AiflowError, match="privacy.lr is -1"):
+        check_config(load_config(["privacy.enabled=true", "privacy.lr=-1"]))
+    with pytest.raises(AiflowError, match="privacy.optimizer"):
+        load_config(["privacy.optimizer=adam"])
