@@ -117,3 +117,22 @@ def test_self_distillation_training_moves_branches_toward_the_teacher(tokenizer,
         branch_batches(model, tokenizer, BranchTrainingConfig(data="web"))
     with pytest.raises(AiflowError):
         load_config(["family.branch_training.data=web"])
+
+
+def test_family_build_cli_with_self_distillation(tiny_llama_dir, tmp_path, monkeypatch):
+    """`aiflow family build family.branch_training.data=self` generates, caches and trains on self answers."""
+    from typer.testing import CliRunner
+
+    from aiflow_fl.cli import app
+    from aiflow_fl.family import load_family
+
+    monkeypatch.setenv("AIFLOW_CACHE", str(tmp_path / "cache"))
+    fam = tmp_path / "fam"
+    result = CliRunner().invoke(app, ["family", "build", f"model.name={tiny_llama_dir}", f"family.dir={fam}",
+                                      "family.exits=[1]", "family.ratios=[0.5]", "family.calibration_samples=4",
+                                      "family.calibration_seq_len=32", "family.branch_training.steps=2",
+                                      "family.branch_training.data=self", "family.branch_training.self_prompts=4",
+                                      "family.branch_training.self_max_new_tokens=4", "family.branch_training.batch_size=2"])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "cache" / "selfdistill").glob("*.pt"))) == 1
+    assert any(k.startswith("branch.1.") for k in load_family(fam).tensors)
