@@ -21,6 +21,7 @@ reports their mean over the earlier stages (stages older than the current one).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -193,11 +194,18 @@ def stage_chunks(cfg: Any, profile: Any, stage: int, tokenizer: Any = None) -> A
     from aiflow_fl.federated.device import load_device_data
 
     if tokenizer is None:
-        from aiflow_fl.models import load_tokenizer
-
-        tokenizer = load_tokenizer(cfg.model.name)
+        tokenizer = _tokenizer(cfg.model.name)
     stage_cfg = replace(cfg, data=replace(cfg.data, source=stage_source(stage, list(cfg.continual.domains))))
     return load_device_data(stage_cfg, profile, tokenizer).train
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model_name: str) -> Any:
+    """The model's tokenizer, loaded once per process (loading takes ~0.8 s, and a device asks for its
+    stages' chunks every round)."""
+    from aiflow_fl.models import load_tokenizer
+
+    return load_tokenizer(model_name)
 
 
 def buffer_to_json(buffer: ReplayBuffer, stage_done: int) -> dict[str, Any]:
