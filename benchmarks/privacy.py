@@ -40,7 +40,7 @@ same global model and device states (``context.state`` copied) — same compute,
 
 Threads: on this shared 2-core machine two torch threads can be 2.5× slower than one while another
 process holds a core (measured: 1.19 s vs 0.47 s per forward); :func:`pick_threads` uses two only
-when /proc/stat shows both cores idle.
+when /proc/stat shows both cores idle, checked again before every run (``threads`` in the figures).
 
 Figures: ``dp_epsilon`` (the largest ε any device reports after the whole run for the ε ≤ 8 run,
 δ = ``dp_delta``), ``heldout_acc_untrained``, ``heldout_acc_no_dp``, ``heldout_acc_dp`` (ε ≤ 8),
@@ -279,7 +279,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     num_layers = load_member(make_config(s, "[q_proj]"), s["member"]).num_layers
     targets = last_layer_targets(num_layers)
     base_cfg = make_config(s, targets)
-    threads = pick_threads()
+    pick_threads()
 
     # DP: the untrained member is evaluated once (the same held-out set for every run).
     evaluate = central_eval(base_cfg)
@@ -291,8 +291,10 @@ def run(quick: bool = False) -> dict[str, Any]:
     if s["strong_level"]:
         levels.append(("DP ε≤1", [*private, "privacy.target_epsilon=1"]))
     dp_runs: dict[str, Federation] = {}
+    threads_used: dict[str, int] = {}
     for label, extra in levels:
         cfg = make_config(s, targets, *extra)
+        threads_used[label] = pick_threads()  # the other engineers' load changes between runs
         fed = start_federation(cfg)
         fed.evals.append((0, (untrained, untrained_loss)))
         dp_runs[label] = run_rounds(fed, cfg, rounds, evaluate, eval_rounds)
@@ -302,9 +304,12 @@ def run(quick: bool = False) -> dict[str, Any]:
     no_replay_cfg, replay_cfg = stream_config(s, targets, False), stream_config(s, targets, True)
     stage_evaluate = stage_eval(no_replay_cfg)  # same stages, chunks and held-out sets in both runs
     every = set(range(1, 2 * per_stage + 1))
+    threads_used["stage 0"] = pick_threads()
     prefix = run_rounds(start_federation(no_replay_cfg), no_replay_cfg, per_stage, stage_evaluate, every)
-    stream_runs = {label: run_rounds(copy.deepcopy(prefix), cfg, 2 * per_stage, stage_evaluate, every)
-                   for label, cfg in (("no replay", no_replay_cfg), ("replay", replay_cfg))}
+    stream_runs: dict[str, Federation] = {}
+    for label, cfg in (("no replay", no_replay_cfg), ("replay", replay_cfg)):
+        threads_used[label] = pick_threads()
+        stream_runs[label] = run_rounds(copy.deepcopy(prefix), cfg, 2 * per_stage, stage_evaluate, every)
 
     acc = {label: fed.evals[-1][1][0] for label, fed in dp_runs.items()}
     loss = {label: fed.evals[-1][1][1] for label, fed in dp_runs.items()}
@@ -330,7 +335,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     table = Table(title=f"privacy: SmolLM2 {s['member']}, LoRA r{s['rank']} on the last 2 layers, {s['devices']} devices, "
                         f"{rounds} rounds × {s['steps']} steps, batch {s['batch']} of {s['seq_len']} tokens, "
                         f"{s['examples']} examples/device{', quick' if quick else ''} | stream: batch {s['stream_batch']}, "
-                        f"{per_stage} round(s) × {s['stream_steps']} steps per stage | {threads} thread(s)")
+                        f"{per_stage} round(s) × {s['stream_steps']} steps per stage")
     for col in ("run", "σ", f"ε (δ={DELTA:g})", "held-out acc", "held-out loss", "acc gain kept", "loss gain kept", "s"):
         table.add_column(col)
     table.add_row("untrained member", "", "", f"{untrained:.4f}", f"{untrained_loss:.3f}", "", "", "")
@@ -354,7 +359,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         "batch_size": s["batch"],
         "examples_per_device": s["examples"],
         "seq_len": s["seq_len"],
-        "threads": threads,
+        "threads": threads_used,
         "dp_epsilon": eps["DP ε≤8"],
         "dp_delta": DELTA,
         "dp_noise_multiplier": sigma["DP ε≤8"],
