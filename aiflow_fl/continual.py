@@ -377,8 +377,11 @@ class RoundReporter:
             from aiflow_fl.privacy import server_side_epsilon
 
             p = self.cfg.privacy
+            m = max(1, len(client_metrics))  # the devices averaged this round: std σ_s C_s / m (central_dp_method)
             out.append({"round": cloud_round, "kind": "privacy-central", "dp-delta": p.delta,
-                        "dp-server-epsilon": server_side_epsilon(p.server_noise_multiplier, cloud_round, p.delta)})
+                        "dp-server-epsilon": server_side_epsilon(p.server_noise_multiplier, cloud_round, p.delta),
+                        "dp-server-noise-std": p.server_noise_multiplier * p.server_clipping_norm / m,
+                        "devices": m})
         if self.stage_eval is not None:
             stage = stage_of_round(cloud_round, self.cfg.federation.rounds, self.cfg.continual.stages)
             self.history.append(self.stage_eval(merged, stage))

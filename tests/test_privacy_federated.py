@@ -140,3 +140,35 @@ def test_bad_values_stop_the_run_before_any_training(tiny_dir: str, tmp_path) ->
         check_run_config(config(tiny_dir, "privacy.enabled=true", "privacy.target_epsilon=-1"))
     with pytest.raises(AiflowError, match="max_grad_norm is 0"):
         check_run_config(config(tiny_dir, "privacy.enabled=true", "privacy.max_grad_norm=0"))
+
+
+@pytest.mark.slow  # ~27 s on the shared 2-core machine, almost all of it Ray start-up
+def test_central_dp_under_the_real_flower_simulation(tiny_llama_dir, tmp_path) -> None:
+    """privacy.server_side=true through Flower's simulation engine: the run finishes, every round's
+    run-folder line reports the central ε (Opacus RDP, q = 1, r releases) and the noise std σ_s C_s / m,
+    and the noised global update is finite and not zero."""
+    import math
+
+    from aiflow_fl.federated.run import RunFolder
+    from aiflow_fl.privacy import server_side_epsilon
+    from simulations.run import config_for, simulate
+
+    run_dir = tmp_path / "run"
+    cfg = config_for([
+        f"model.name={tiny_llama_dir}", "family.dir=/nonexistent", "data.source=pydoc", "data.seq_len=16",
+        "data.max_examples_per_client=8", "data.max_heldout_examples=4", "train.local_steps=1", "train.batch_size=2",
+        "federation.members=[exit-2]", "federation.ranks=[2]", "federation.num_devices=2", "federation.rounds=2",
+        "strategy=fedavg", "privacy.server_side=true", "privacy.server_noise_multiplier=0.8",
+        "privacy.server_clipping_norm=0.5", f"run.dir={run_dir}",
+    ])
+    simulate(cfg, show_progress=False)
+    folder = RunFolder(run_dir)
+    central = sorted(folder.records("privacy-central"), key=lambda r: r["round"])
+    assert [r["round"] for r in central] == [1, 2]
+    for r in central:
+        assert r["devices"] == 2 and r["dp-server-noise-std"] == pytest.approx(0.8 * 0.5 / 2)
+        assert r["dp-server-epsilon"] == pytest.approx(server_side_epsilon(0.8, r["round"], 1e-5))
+    assert central[0]["dp-server-epsilon"] < central[1]["dp-server-epsilon"]
+    merged = folder.latest_checkpoint()
+    values = [float(v.abs().sum()) if hasattr(v, "abs") else float(abs(v).sum()) for v in merged.tensors.values()]
+    assert all(math.isfinite(v) for v in values) and sum(values) > 0
