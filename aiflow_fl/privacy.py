@@ -190,13 +190,39 @@ def plan_dp(
 
 @functools.lru_cache(maxsize=64)
 def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
-    """σ from Opacus's ``get_noise_multiplier`` (ε within 0.01 below the target). Cached: its binary
-    search evaluates the accountant ~15 times (≈ 1.5 s at q = 1/64), and every device of a federation
-    with equal partitions asks for the same σ."""
+    """σ from Opacus's ``get_noise_multiplier`` (ε within 0.01 below the target).
+
+    Cached in the process and on disk (``noise-multipliers.json`` in the model cache, keyed by every
+    argument and Opacus's version): its binary search evaluates the accountant ~15 times (≈ 1.5 s at
+    q = 1/64), every device of a federation with equal partitions asks for the same σ, and so does
+    every run with the same settings. A cache that cannot be read or written is ignored."""
+    import json
+    import os
+
+    import opacus
     from opacus.accountants.utils import get_noise_multiplier
 
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                      steps=steps, accountant=accountant, epsilon_tolerance=0.01))
+    from aiflow_fl.models import cache_dir
+
+    key = f"{accountant}|{target_epsilon!r}|{delta!r}|{sample_rate!r}|{steps}|opacus {opacus.__version__}"
+    path = cache_dir() / "noise-multipliers.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(key), float):
+        return known[key]
+    sigma = float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                       steps=steps, accountant=accountant, epsilon_tolerance=0.01))
+    try:
+        known = known if isinstance(known, dict) else {}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({**known, key: sigma}))
+        os.replace(tmp, path)  # atomic: concurrent devices never see half a file
+    except OSError:
+        pass
+    return sigma
 
 
 # --------------------------------------------------------------------------- the accountant across rounds

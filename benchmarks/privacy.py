@@ -129,7 +129,7 @@ def stream_config(s: dict[str, Any], targets: str, replay: bool) -> AiflowConfig
     )
 
 
-def idle_cores(window_s: float = 0.3) -> float | None:
+def idle_cores(window_s: float = 0.1) -> float | None:
     """Cores left idle by every other process over ``window_s`` (Linux ``/proc/stat``; None elsewhere).
     This process sleeps meanwhile, so what is busy is busy for someone else."""
     def sample() -> tuple[int, int]:

@@ -326,3 +326,19 @@ def test_dp_optimizer_and_lr_come_from_the_privacy_section() -> None:
         check_config(load_config(["privacy.enabled=true", "privacy.lr=-1"]))
     with pytest.raises(AiflowError, match="privacy.optimizer"):
         load_config(["privacy.optimizer=adam"])
+
+
+def test_noise_multiplier_cache_returns_opacus_own_value(tmp_path, monkeypatch) -> None:
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from aiflow_fl.privacy import noise_for_target
+
+    monkeypatch.setenv("AIFLOW_CACHE", str(tmp_path / "cache"))
+    reference = get_noise_multiplier(target_epsilon=4.0, target_delta=1e-5, sample_rate=0.2, steps=6,
+                                     accountant="rdp", epsilon_tolerance=0.01)
+    noise_for_target.cache_clear()
+    assert noise_for_target(4.0, 1e-5, 0.2, 6, "rdp") == reference  # computed, then written to disk
+    assert (tmp_path / "cache" / "noise-multipliers.json").is_file()
+    noise_for_target.cache_clear()
+    assert noise_for_target(4.0, 1e-5, 0.2, 6, "rdp") == reference  # read back from disk
+    noise_for_target.cache_clear()
