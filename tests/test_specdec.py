@@ -344,3 +344,18 @@ def test_cost_aware_chains_are_lossless_and_decode_alone_when_drafts_do_not_pay(
                 assert min(other.policy_log) >= 1  # a verifier resuming from the device needs the device
     with pytest.raises(AiflowError, match="cost_aware"):
         local_chain(members[:2], cost_aware=True, pipelined=True)
+
+
+def test_confidence_gated_three_tier_chains_never_stall():
+    """Regression: a cloud rejection after a doubted draft token left the gate closed with nothing to
+    verify ("no progress"). Strict gates, 3 tiers, pipelined and sequential, short and long outputs."""
+    model = scrambled("llama")
+    members = early_exit_members(model, [2, 4])
+    for seed in range(3):
+        ids = torch.randint(3, 500, (1, 5 + seed), generator=torch.Generator().manual_seed(seed))
+        expected = reference(model, ids, 12)
+        for pipelined in (True, False):
+            for n in (4, 12):
+                chain = local_chain(members, draft_len=3, adaptive=True, confidence=0.9, pipelined=pipelined,
+                                    blocks=[1, 6], eos_token_ids=[])
+                assert chain.generate(ids, n).tokens == expected[:n], (seed, pipelined, n)

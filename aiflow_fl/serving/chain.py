@@ -329,6 +329,10 @@ class Chain:
     def _rollback(self, position: int) -> None:
         """Drop token ``position`` and everything after it from the sequence and every tier."""
         del self.seq[position:]
+        # The doubted draft token that stopped drafting (confidence gate) was the last one: it is gone.
+        # Left set, a rejection by the cloud (which does not reset it, unlike the edge's verification)
+        # would leave the device waiting for a verification nobody can start.
+        self.unsure = False
         for slot in self.slots:
             slot.done = min(slot.done, position)
             slot.approved = min(slot.approved, position)
