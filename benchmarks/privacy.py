@@ -29,7 +29,7 @@ on this benchmark's quick setting, 2 devices × 4 steps: DP-Adam lr 5e-3 kept 33
 gain and 36 % of the loss gain; DP-SGD lr 0.3 / 0.6 / 1.0 kept 14 / 86 / 116 % of the accuracy gain).
 The baseline is the better of the non-private settings tried (AdamW lr 5e-3 / 1e-2, SGD lr 0.3 /
 0.6 / 1.0; SGD at 1.0 diverges without per-example clipping). Batch matters: an expected batch of
-24 instead of 32 kept 20 %. Stream levers: a high learning rate (1.5e-2), so the stage-1 rounds on
+24 instead of 32 kept 20 %. Stream levers: a high learning rate (1.5e-2; 1e-2 in the full mode), so the stage-1 rounds on
 pydoc overwrite what stage 0 learnt on code; replay mixes half of every stage-1 batch from a buffer
 of stage-0 examples. Both effects are measured on 64 held-out chunks (448 predicted tokens): one
 token is 0.0022 of accuracy, so the figures are coarse; the loss figures are smoother.
@@ -55,7 +55,6 @@ stage-1 rounds; same steps and batch size in both runs).
 from __future__ import annotations
 
 import copy
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,7 +151,7 @@ def start_federation(cfg: AiflowConfig) -> Federation:
 
 
 def run_rounds(fed: Federation, cfg: AiflowConfig, last_round: int, evaluate: Callable[[Any, int], Any],
-               eval_rounds: set[int], make_optimizer: Callable[..., torch.optim.Optimizer] | None = None) -> Federation:
+               eval_rounds: set[int]) -> Federation:
     """FedAvg rounds ``fed.round + 1 .. last_round``; ``evaluate(merged, round)`` after the rounds in
     ``eval_rounds``."""
     from clients.app import load_state, save_state, training_hooks
@@ -164,11 +163,9 @@ def run_rounds(fed: Federation, cfg: AiflowConfig, last_round: int, evaluate: Ca
         for context in fed.contexts:
             profile = device_profile(dict(context.node_config), cfg)
             state = load_state(context)
-            hooks = training_hooks(cfg, state, profile)
-            if make_optimizer is not None:
-                hooks.make_optimizer = make_optimizer
             update, m = device_train(cfg, profile, state, AdapterUpdate(fed.base, 0) if fed.base else None, None,
-                                     server_round, cfg.train.local_steps, cfg.train.lr, hooks=hooks)
+                                     server_round, cfg.train.local_steps, cfg.train.lr,
+                                     hooks=training_hooks(cfg, state, profile))
             save_state(context, state)
             updates.append(update)
             metrics.append(m)
