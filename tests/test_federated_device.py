@@ -215,3 +215,23 @@ def test_cloud_round_bytes_are_summed_over_its_edge_rounds_and_plotted(tmp_path)
     plain = RunFolder.create(load_config([f"run.dir={tmp_path / 'p'}"]))
     plain.log({"round": 1, "kind": "train", "train-loss": 2.0})
     assert with_bytes[0] > Image.open(plain.plot()).size[0]  # the third panel: bytes per link
+
+
+def test_loaded_members_share_frozen_weights_and_folding_a_base_touches_only_its_copy(tiny_llama_dir):
+    """load_member hands out copies whose frozen weights are the cached tensors (no model copy per
+    round); fold_base gives its copy a new weight, so the cache and other copies stay pristine."""
+    from aiflow_fl.federated.member import load_member
+
+    cfg = load_config([f"model.name={tiny_llama_dir}"])
+    first, second = load_member(cfg, "exit-2"), load_member(cfg, "exit-2")
+    q_first = first.model.get_submodule("model.layers.0.self_attn.q_proj")
+    q_second = second.model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert q_first is not q_second and q_first.weight.data_ptr() == q_second.weight.data_ptr()
+    assert first.model.lm_head.weight is first.model.model.embed_tokens.weight  # tying survives the copy
+    pristine = q_second.weight.detach().clone()
+    out, inp = q_first.weight.shape
+    base = AdapterUpdate({"model.layers.0.self_attn.q_proj": LoraFactors(torch.ones(1, inp), torch.ones(out, 1), 0.5)}, 1)
+    assert fold_base(first.model, first, base) == 1
+    assert torch.allclose(q_first.weight, pristine + 0.5)
+    assert torch.equal(q_second.weight, pristine) and torch.equal(load_member(cfg, "exit-2").model.get_submodule(
+        "model.layers.0.self_attn.q_proj").weight, pristine)

@@ -68,7 +68,7 @@ def load_update(peft_model: PeftModel, member: Member, update: AdapterUpdate, al
 
 
 def fold_base(model: nn.Module, member: Member, base: AdapterUpdate) -> int:
-    """W0 += scaling · B @ A for every module of ``base`` this member has (by family key); returns how
+    """W0 ← W0 + scaling · B @ A (a new weight tensor) for every module of ``base`` this member has (by family key); returns how
     many were folded.
 
     Keys of modules the member lacks are skipped: the server's base is family-wide (a node it has not
@@ -88,8 +88,9 @@ def fold_base(model: nn.Module, member: Member, base: AdapterUpdate) -> int:
             raise ValueError(f"base update of {key} has shape {tuple(delta.shape)}, the module is {(module.out_features, module.in_features)}")
         weight = getattr(module, "weight", None)
         if isinstance(weight, nn.Parameter):
-            with torch.no_grad():
-                weight.add_(delta.to(weight.dtype))
+            # A new tensor, never an in-place add: the frozen weights may be shared with the process's
+            # cached pristine member (``federated.member.load_member``).
+            module.weight = nn.Parameter(weight.detach() + delta.to(weight.dtype), requires_grad=weight.requires_grad)
         else:
             frozen = delta.detach().clone()
             module.register_forward_hook(lambda mod, inp, out, d=frozen: out + inp[0] @ d.to(out.dtype).T)
