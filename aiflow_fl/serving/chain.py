@@ -145,6 +145,7 @@ class Chain:
         self.generator = torch.Generator().manual_seed(seed)
         self.seq: list[int] = []
         self.warnings: list[str] = []
+        self.stalls = 0  # times drafting was paused with no verification possible (resolved, see generate)
 
     # ---------------------------------------------------------------- the generation loop
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
@@ -171,6 +172,16 @@ class Chain:
                     self._draft_one()  # the device keeps drafting while a verifier works
                 elif in_flight is not None:
                     in_flight[1].exception()  # nothing to draft: wait for the verifier
+                elif self.slots[0].done < len(self.seq):
+                    # Drafting is paused (a doubted or end-of-sequence draft token) and no verifier can
+                    # start: one resuming from the device's hidden states needs them at the device's last
+                    # draft position first. Run the device there without drafting another token.
+                    self.stalls += 1
+                    pending = Job(0, self.slots[0].done, len(self.seq), torch.tensor(self.seq[self.slots[0].done:]), None)
+                    self._finish(pending, self._run(pending), gamma)
+                elif self.unsure:
+                    self.stalls += 1
+                    self.unsure = False  # nothing left to verify: the gate has nothing to wait for
                 else:
                     raise AssertionError("speculative chain made no progress")  # a bug, never a user error
                 final = self.slots[-1].approved
@@ -418,6 +429,7 @@ class Chain:
             slot.job_s.clear()
             slot.job_len.clear()
         self.acceptance_counts, self.solo_tokens, self.policy_log = [0.0, 0.0], 0, []
+        self.stalls = 0
 
     def _finished(self, prompt_len: int, max_new_tokens: int) -> bool:
         final = self.seq[prompt_len:self.slots[-1].approved]
@@ -446,6 +458,6 @@ class Chain:
             tiers.append(row)
         return {"new_tokens": new_tokens, "seconds": round(seconds, 3),
                 "tokens_per_s": round(new_tokens / seconds, 2) if seconds > 0 else 0.0,
-                "tiers": tiers, "warnings": list(self.warnings),
+                "tiers": tiers, "warnings": list(self.warnings), "stalls_resolved": self.stalls,
                 **({"draft_lens_chosen": {str(k): self.policy_log.count(k) for k in sorted(set(self.policy_log))},
                     "acceptance_estimate": round(self.acceptance_estimate(), 3)} if self.cost_aware else {})}
