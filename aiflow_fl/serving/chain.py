@@ -325,8 +325,9 @@ class Chain:
     def _draft_one(self) -> None:
         """The device runs its pending positions and appends its next token."""
         device = self.slots[0]
-        job = Job(0, device.done, len(self.seq), torch.tensor(self.seq[device.done:]), None)
-        self._finish(job, self._run(job), 0)
+        if device.done < len(self.seq):  # else a stall resolution already ran it (generate)
+            job = Job(0, device.done, len(self.seq), torch.tensor(self.seq[device.done:], dtype=torch.long), None)
+            self._finish(job, self._run(job), 0)
         pred = device.preds[len(self.seq) - 1]
         token = int(pred) if self.temperature <= 0 else int(torch.multinomial(pred, 1, generator=self.generator))
         # Confidence-gated drafting (as transformers' assistant_confidence_threshold): stop the block
