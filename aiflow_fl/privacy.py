@@ -197,11 +197,11 @@ def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, st
     q = 1/64), every device of a federation with equal partitions asks for the same σ, and so does
     every run with the same settings. A cache that cannot be read or written is ignored."""
     import json
-    import os
 
     import opacus
     from opacus.accountants.utils import get_noise_multiplier
 
+    from aiflow_fl.files import atomic_write_bytes
     from aiflow_fl.models import cache_dir
 
     key = f"{accountant}|{target_epsilon!r}|{delta!r}|{sample_rate!r}|{steps}|opacus {opacus.__version__}"
@@ -214,12 +214,8 @@ def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, st
         return known[key]
     sigma = float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
                                        steps=steps, accountant=accountant, epsilon_tolerance=0.01))
-    try:
-        known = known if isinstance(known, dict) else {}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({**known, key: sigma}))
-        os.replace(tmp, path)  # atomic: concurrent devices never see half a file
+    try:  # atomic: concurrent devices never see half a file
+        atomic_write_bytes(path, json.dumps({**(known if isinstance(known, dict) else {}), key: sigma}).encode())
     except OSError:
         pass
     return sigma

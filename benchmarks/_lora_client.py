@@ -18,7 +18,6 @@ federation as a whole can learn it all. Held-out accuracy is next-token accuracy
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from flwr.clientapp import ClientApp
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from aiflow_fl.aggregation.update import from_peft_state_dict, to_peft_state_dict
+from aiflow_fl.files import atomic_torch_save
 from aiflow_fl.models import tiny_model
 from aiflow_fl.protocol import BASE, CONFIG, LORA, METRICS, NUM_EXAMPLES, PROFILE, arrays_to_update, update_to_arrays
 
@@ -112,9 +112,7 @@ def base_model() -> torch.nn.Module:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    tmp = _BASE_CACHE.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, _BASE_CACHE)
+    atomic_torch_save(model.state_dict(), _BASE_CACHE)
     return model.eval()
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,6 +196,7 @@ def _cache_key(source: str, tokenizer, seq_len: int) -> str:
 
 def load_chunks(source: str, tokenizer, seq_len: int) -> TokenChunks:
     """Tokenized chunks of a source, cached on disk (every client process of every round needs them)."""
+    from aiflow_fl.files import atomic_torch_save
     from aiflow_fl.models import cache_dir
 
     path = cache_dir() / "data" / f"{_cache_key(source, tokenizer, seq_len)}.pt"
@@ -207,8 +207,5 @@ def load_chunks(source: str, tokenizer, seq_len: int) -> TokenChunks:
         except Exception:  # a corrupt cache is rebuilt, never trusted
             pass
     chunks = tokenize_documents(load_documents(source, tokenizer), tokenizer, seq_len)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"input_ids": chunks.input_ids, "domains": chunks.domains}, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save({"input_ids": chunks.input_ids, "domains": chunks.domains}, path)
     return chunks

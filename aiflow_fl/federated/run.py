@@ -16,39 +16,26 @@ appended a line at a time and fsynced; a torn last line (kill mid-write) is skip
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from aiflow_fl.config import AiflowConfig, load_config, to_dict, to_yaml
 from aiflow_fl.errors import AiflowError
+from aiflow_fl.files import atomic_write_bytes
 
 _CKPT = re.compile(r"^round-(\d+)\.safetensors$")
 # Config sections that may differ when a run is resumed (where it lives, how long it runs, resources).
 RESUMABLE_CHANGES = ("run", "federation.rounds", "federation.client_cpus", "federation.client_timeout_s")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @dataclass
@@ -147,19 +134,9 @@ class RunFolder:
     # --- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self, server_round: int, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
         """Write ``checkpoints/round-R.safetensors`` atomically (temp file, fsync, rename)."""
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         path = self.checkpoint_dir / f"round-{server_round:04d}.safetensors"
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=self.checkpoint_dir)
-        os.close(fd)
-        try:
-            arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-            save_file(arrays, tmp, metadata={"round": str(server_round), "meta": json.dumps(meta)})
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+        atomic_write_bytes(path, save(arrays, metadata={"round": str(server_round), "meta": json.dumps(meta)}))
         return path
 
     def checkpoints(self) -> list[tuple[int, Path]]:
@@ -222,10 +199,10 @@ class RunFolder:
         fig.suptitle(f"federated run {self.path.name}")
         fig.tight_layout()
         out = self.path / "summary.png"
-        tmp = self.path / ".summary.tmp.png"
-        fig.savefig(tmp, dpi=100)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=100)
         plt.close(fig)
-        os.replace(tmp, out)
+        atomic_write_bytes(out, png.getvalue())
         return out
 
 
