@@ -101,6 +101,7 @@ def build_members(backbone, tokenizer, exits: list[int], quick: bool) -> tuple[l
     from aiflow_fl.family.family import calibration_batches, family_from_backbone
     from aiflow_fl.family.instructions import instructions, model_fingerprint, self_answers, self_batches
     from aiflow_fl.family.train import family_drafts, greedy_agreement, train_branches
+    from aiflow_fl.files import atomic_torch_save
     from aiflow_fl.models import cache_dir
 
     recipe = DISTILL["quick" if quick else "full"]
@@ -124,9 +125,7 @@ def build_members(backbone, tokenizer, exits: list[int], quick: bool) -> tuple[l
             train_branches(family, self_batches(answers, tcfg.batch_size), tcfg)
             cached = {"branches": {k: v for k, v in family.tensors.items() if k.startswith("branch.")},
                       "before": before, "train_s": round(time.perf_counter() - started, 1)}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(cached, path.with_suffix(".tmp"))
-            path.with_suffix(".tmp").replace(path)
+            atomic_torch_save(cached, path)
         family.tensors.update(cached["branches"])
         after = greedy_agreement(backbone, family_drafts(family), held_out)
     finally:
@@ -392,7 +391,7 @@ def bound(costs: dict[str, Any], target_tps: float, measured_alpha: float, agree
     for name, target_s in (("our_runner", costs["target_s"]), ("hf_generate", 1.0 / target_tps)):
         needed = required_acceptance(goal, draft_s, verify_s, target_s, bonus=False)
         best_k, speed = best_draft_len(agreement, draft_s, verify_s, target_s, bonus=False, lowest=1)
-        perfect = max(k / (k * draft_s + verify_s[k]) for k in range(1, len(verify_s)))
+        _, perfect = best_draft_len(1.0, draft_s, verify_s, target_s, bonus=False, lowest=1)
         out[name] = {
             "target_s_per_token": round(target_s, 5),
             "draft_over_target": round(draft_s / target_s, 3),
