@@ -291,9 +291,7 @@ class Chain:
         slot, low, seq = self.slots[g], self.slots[g - 1], self.seq
         lo, hi = slot.approved, min(low.approved, slot.done + 1)
         if g == 1 and self._solo() and lo == hi == len(seq) == slot.done:  # solo: the verifier's own token
-            pred = slot.preds[len(seq) - 1]
-            token = int(pred) if self.temperature <= 0 else int(torch.multinomial(pred, 1, generator=self.generator))
-            seq.append(token)
+            seq.append(self._token(slot.preds[len(seq) - 1]))
             slot.produced += 1
             slot.last_accepted = slot.last_drafted = 0
             for s in self.slots[: g + 1]:
@@ -329,7 +327,7 @@ class Chain:
             job = Job(0, device.done, len(self.seq), torch.tensor(self.seq[device.done:], dtype=torch.long), None)
             self._finish(job, self._run(job), 0)
         pred = device.preds[len(self.seq) - 1]
-        token = int(pred) if self.temperature <= 0 else int(torch.multinomial(pred, 1, generator=self.generator))
+        token = self._token(pred)
         # Confidence-gated drafting (as transformers' assistant_confidence_threshold): stop the block
         # after a token the draft itself doubts; with familial reuse the verifier then simply goes on
         # from the device's layers, so a weak draft costs little more than the verifier alone.
@@ -337,6 +335,10 @@ class Chain:
         self.unsure = self.confidence > 0 and confidence < self.confidence
         self.seq.append(token)
         device.approved = len(self.seq)
+
+    def _token(self, pred: torch.Tensor) -> int:
+        """The next token from a tier's prediction: its argmax id (greedy) or a sample of its probabilities."""
+        return int(pred) if self.temperature <= 0 else int(torch.multinomial(pred, 1, generator=self.generator))
 
     def _rollback(self, position: int) -> None:
         """Drop token ``position`` and everything after it from the sequence and every tier."""
