@@ -37,7 +37,15 @@ from aiflow_fl.serving.members import TierOutput
 
 
 class TierUnavailable(RuntimeError):
-    """A (remote) tier did not answer in time or is gone; the chain drops it and goes on."""
+    """A (remote) tier did not answer in time or is gone (what follows: ``Chain.on_verifier_loss``)."""
+
+
+class VerifierLost(AiflowError):
+    """A verifier was lost mid-request under ``on_verifier_loss="fail"``: no unverified answer is given."""
+
+
+class Cancelled(Exception):
+    """Raised by an ``on_tokens`` callback to end a generation early (its client left, or a stop string)."""
 
 
 class Tier(Protocol):
@@ -114,6 +122,7 @@ class Chain:
         confidence: float = 0.0,
         cost_aware: bool = False,
         probe_every: int = 16,
+        on_verifier_loss: str = "fail",
     ) -> None:
         if not 1 <= len(tiers) <= 3:
             raise AiflowError(f"A chain has 1 to 3 tiers (device[, edge[, cloud]]); got {len(tiers)}.")
@@ -132,6 +141,12 @@ class Chain:
         # exponentially decayed counts of accepted / rejected draft tokens, and solo decoding
         # (draft length 0) that re-probes drafting every ``probe_every`` tokens.
         self.cost_aware, self.probe_every = cost_aware, probe_every
+        if on_verifier_loss not in ("fail", "device"):
+            raise AiflowError(f"on_verifier_loss is '{on_verifier_loss}'; use 'fail' or 'device'.")
+        # fail: a lost verifier ends the generation with VerifierLost; device: the tiers below finish it
+        # and ``verified`` turns False (the answer is no longer checked by the last verifier).
+        self.on_verifier_loss = on_verifier_loss
+        self.verified = True
         self.acceptance_counts = [0.0, 0.0]  # decayed (accepted, rejected) draft tokens
         self.solo_tokens = 0
         self.policy_log: list[int] = []  # draft length chosen after each verification
@@ -413,8 +428,13 @@ class Chain:
         return k
 
     def _drop(self, g: int, why: str) -> None:
-        """A verifier failed: drop it and the tiers above; the chain goes on with what is left."""
+        """A verifier failed: fail (``on_verifier_loss="fail"``), or drop it and the tiers above and go on
+        with what is left, unverified."""
         names = [s.tier.name for s in self.slots[g:]]
+        if self.on_verifier_loss == "fail":
+            raise VerifierLost(f"tier(s) {', '.join(names)} unavailable ({why}); stopping, since serving.on_verifier_loss=fail "
+                               "(set it to 'device' to let the device member finish alone, marked unverified)")
+        self.verified = False
         message = (f"tier(s) {', '.join(names)} unavailable ({why}); continuing with "
                    f"{', '.join(s.tier.name for s in self.slots[:g])} only — output is no longer checked by {names[-1]}")
         warnings.warn(message, stacklevel=2)
@@ -461,6 +481,6 @@ class Chain:
             tiers.append(row)
         return {"new_tokens": new_tokens, "seconds": round(seconds, 3),
                 "tokens_per_s": round(new_tokens / seconds, 2) if seconds > 0 else 0.0,
-                "tiers": tiers, "warnings": list(self.warnings), "stalls_resolved": self.stalls,
+                "tiers": tiers, "warnings": list(self.warnings), "stalls_resolved": self.stalls, "verified": self.verified,
                 **({"draft_lens_chosen": {str(k): self.policy_log.count(k) for k in sorted(set(self.policy_log))},
                     "acceptance_estimate": round(self.acceptance_estimate(), 3)} if self.cost_aware else {})}
