@@ -138,27 +138,50 @@ def generate(
 
     extra = list(overrides or []) + ([f"model.name={model}"] if model else []) + ([f"serving.exits=[{exits}]"] if exits else [])
     cfg = load_config(extra)
-    run_generate(cfg, prompt, [t.strip() for t in tiers.split(",") if t.strip()], family, parse_remote(remote or []))
+    stats = run_generate(cfg, prompt, [t.strip() for t in tiers.split(",") if t.strip()], family, parse_remote(remote or []))
+    if not stats["verified"]:
+        raise typer.Exit(3)  # serving.on_verifier_loss=device and a verifier was lost: the answer is unverified
 
 
 @app.command()
 def serve(
-    tier: Annotated[str, typer.Option(help="Which tier this process serves: edge or cloud.")],
-    family: Annotated[Optional[str], typer.Option(help="Family folder.")] = None,
-    member: Annotated[Optional[str], typer.Option(help="With --family: the member to serve.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Without --family: the backbone (embedded name or folder).")] = None,
-    exit_layer: Annotated[Optional[int], typer.Option("--exit", help="Without --family: serve the early exit at this layer (default: full model).")] = None,
-    port: Annotated[int, typer.Option(help="TCP port on 127.0.0.1 (0: any free one, printed as READY PORT).")] = 0,
+    source: Annotated[Optional[str], typer.Argument(help="Family folder, or a run folder holding family/ (omit with --model).")] = None,
+    tier: Annotated[Optional[str], typer.Option(help="Serve as a verifier tier (edge or cloud): one --member, for chains elsewhere.")] = None,
+    member: Annotated[Optional[list[str]], typer.Option(help="Serve only these members (repeatable; default: all).")] = None,
+    family: Annotated[Optional[str], typer.Option(help="Family folder (same as SOURCE).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Without a family: a backbone (embedded name or folder) served as one member.")] = None,
+    exit_layer: Annotated[Optional[int], typer.Option("--exit", help="With --model: serve the early exit at this layer (default: full model).")] = None,
+    remote: Annotated[Optional[list[str]], typer.Option(help="MEMBER=URL: a chain member served by another `aiflow serve` (repeatable).")] = None,
+    remote_ca: Annotated[Optional[str], typer.Option(help="CA certificate file to trust for https remote tiers.")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0: every interface; use TLS and a key then).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0: any free one, printed as READY PORT URL).")] = 0,
+    api_key: Annotated[Optional[str], typer.Option(envvar="AIFLOW_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/* and /tier/*.")] = None,
+    ssl_keyfile: Annotated[Optional[str], typer.Option(help="TLS private key (PEM).")] = None,
+    ssl_certfile: Annotated[Optional[str], typer.Option(help="TLS certificate (PEM).")] = None,
     core: Annotated[Optional[int], typer.Option(help="Pin this process to one CPU core.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch threads.")] = None,
     overrides: Overrides = None,
 ) -> None:
-    """Serve one verifier tier over HTTP on loopback for `aiflow generate --remote TIER=URL`."""
+    """OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions, /health, /metrics) for a family's
+    members and chains, and the tier protocol its verifiers speak (`--tier edge|cloud`)."""
     from aiflow_fl.config import load_config
-    from aiflow_fl.serving.commands import serve_member
+    from aiflow_fl.errors import AiflowError
+    from aiflow_fl.serving.api.main import serve as run_server
+    from aiflow_fl.serving.commands import parse_member_remote
 
-    cfg = load_config(list(overrides or []) + ([f"model.name={model}"] if model else []))
-    serve_member(cfg, tier, family, member, exit_layer, port, core, threads)
+    extra = list(overrides or [])
+    if source and "=" in source and not os.path.exists(source):  # only overrides were given
+        extra, source = [source, *extra], None
+    folder = source or family
+    if tier is not None and tier not in ("edge", "cloud"):
+        raise AiflowError(f"--tier is '{tier}'; a verifier server is an 'edge' or a 'cloud' tier.")
+    if tier is not None and folder and len(member or []) != 1:
+        raise AiflowError("--tier with a family needs exactly one --member NAME (the member this tier verifies with).")
+    if not folder and not model and tier is None:
+        raise AiflowError("Give a family folder (or a run folder holding one), or --model for a single backbone.")
+    cfg = load_config(extra + ([f"model.name={model}"] if model else []))
+    run_server(cfg, folder, list(member or []), parse_member_remote(remote or []), model, exit_layer, host, port, api_key,
+               ssl_keyfile, ssl_certfile, remote_ca, tier, core, threads)
 
 
 @app.command()

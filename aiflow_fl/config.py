@@ -36,6 +36,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "privacy.accountant": ("rdp", "prv"),
     "privacy.optimizer": ("adamw", "sgd"),
     "continual.replay": ("none", "reservoir", "stage"),
+    "serving.on_verifier_loss": ("fail", "device"),
 }
 
 
@@ -180,6 +181,20 @@ class LinkConfig:
 
 
 @dataclass
+class ApiConfig:
+    """``aiflow serve``'s OpenAI-compatible HTTP API (aiflow_fl/serving/api/)."""
+
+    max_tokens_cap: int = 1024  # a request asking for more completion tokens gets a 400
+    default_max_tokens: int = 256  # when a request names none (never above the context left)
+    max_model_len: int = 0  # context length of every member; 0: the member's max_position_embeddings
+    max_body_bytes: int = 1_000_000  # /v1/* request bodies above this get a 413
+    max_tier_body_bytes: int = 64_000_000  # tier protocol bodies (hidden states of a re-sent prefix)
+    max_batch: int = 8  # sequences one member decodes together (iteration-level batching)
+    max_sessions: int = 8  # verifier sessions a tier keeps (KV caches); an evicted one is an explicit error
+    chain_workers: int = 8  # chain requests running at once (each its own sessions)
+
+
+@dataclass
 class ServingConfig:
     tiers: list[str] = field(default_factory=lambda: ["device", "edge"])  # device[, edge[, cloud]]
     draft_len: int = 4
@@ -200,7 +215,15 @@ class ServingConfig:
     seed: int = 0
     exits: list[int] = field(default_factory=list)  # early-exit tiers of model.name when there is no family
     members: list[str] = field(default_factory=list)  # family members per tier (default: smallest .. largest)
-    timeout_s: float = 10.0  # a remote tier silent this long is dropped (with a warning)
+    timeout_s: float = 10.0  # a remote tier silent this long is lost (see on_verifier_loss)
+    # A verifier that is lost mid-request: fail (an error; the default, since no measured criterion in a
+    # family folder says a device member can answer alone) or device (the device member finishes alone,
+    # and the answer is marked unverified: response field, warning, CLI exit status 3).
+    on_verifier_loss: str = "fail"
+    # Chains `aiflow serve` offers as models, members joined by '>' (e.g. "eesb-0>full"); empty: the
+    # smallest early-exit member drafting for the full member, and a 3-tier chain when there are 3 or more.
+    chains: list[str] = field(default_factory=list)
+    api: ApiConfig = field(default_factory=ApiConfig)
     edge_link: LinkConfig = field(default_factory=LinkConfig)  # device <-> edge
     cloud_link: LinkConfig = field(default_factory=LinkConfig)  # edge <-> cloud
 

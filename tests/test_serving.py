@@ -74,10 +74,10 @@ def test_remote_chains_equal_generate_of_last_verifier(model_dir, servers):
 
 
 @pytest.mark.timeout(300)
-def test_frozen_or_dead_verifier_degrades_to_device_only(model_dir, servers):
+def test_frozen_or_dead_verifier_degrades_to_device_only(model_dir, servers):  # policy: device
     """A verifier that stops answering (SIGSTOP) or is gone: warning, device-only output, no hang."""
     ids = torch.randint(3, 500, (1, 9), generator=torch.Generator().manual_seed(5))
-    cfg = config(model_dir, "serving.timeout_s=2", "serving.exits=[2]", "serving.draft_len=3")
+    cfg = config(model_dir, "serving.timeout_s=2", "serving.exits=[2]", "serving.draft_len=3", "serving.on_verifier_loss=device")
     proc, url = start_server(["--tier", "edge", "--model", str(model_dir), "--exit", "4", "--threads", "1"], timeout_s=120)
     try:
         chain, _ = build_chain(cfg, ["device", "edge"], remote={"edge": url})

@@ -100,20 +100,24 @@ def build_chain(cfg: AiflowConfig, tiers: list[str], family: str | None = None, 
     blocks = [1] + ([s.cloud_block] if len(tiers) == 3 else [])
     options = dict(draft_len=s.draft_len, adaptive=s.adaptive, min_draft=s.min_draft_len, max_draft=max(s.max_draft_len, s.draft_len),
                    blocks=blocks, temperature=s.temperature, pipelined=s.pipelined, seed=s.seed, cores=cores,
-                   confidence=s.draft_confidence, cost_aware=s.cost_aware, probe_every=s.probe_every)
+                   confidence=s.draft_confidence, cost_aware=s.cost_aware, probe_every=s.probe_every,
+                   on_verifier_loss=s.on_verifier_loss)
     if not remote:
         return local_chain(members, reuse=s.reuse, draft_vocab=s.draft_vocab, links=links, eos_token_ids=eos, **options), tokenizer
     from aiflow_fl.serving.server import RemoteTier
 
     vocab = draft_vocabulary(members[0].model.config.vocab_size, s.draft_vocab, eos)
     built: list = [LocalTier(members[0], 0, vocab, draft=True)]
-    kept, low = ["device"], members[0]
+    kept, low, unverified = ["device"], members[0], []
     for name, member in zip(tiers[1:], members[1:]):
         if name in remote:
             try:
                 tier = RemoteTier(remote[name], timeout_s=s.timeout_s, name=name)
-            except AiflowError as exc:  # skip an unreachable tier: the chain works without it
+            except AiflowError as exc:  # an unreachable tier: fail, or (device policy) go on without it, unverified
+                if s.on_verifier_loss == "fail":
+                    raise AiflowError(f"The {name} tier is unreachable ({exc}); serving.on_verifier_loss=fail.") from None
                 warnings.warn(f"skipping the {name} tier: {exc}", stacklevel=2)
+                unverified.append(name)
                 continue
             member = Member(tier.name, None, tier.exit_layer, shared_layers=tier.shared_layers)  # type: ignore[arg-type]
             tier.entry = resume_layer(low, member) if s.reuse else 0
@@ -123,7 +127,11 @@ def build_chain(cfg: AiflowConfig, tiers: list[str], family: str | None = None, 
         kept.append(name)
         low = member
     options["blocks"] = [1] + ([s.cloud_block] if len(kept) == 3 else [])
-    return Chain(built, links=chain_links(kept, cfg), eos_token_ids=eos, **options), tokenizer
+    chain = Chain(built, links=chain_links(kept, cfg), eos_token_ids=eos, **options)
+    if unverified:
+        chain.verified = False
+        chain.warnings.append(f"tier(s) {', '.join(unverified)} unreachable at the start: output not checked by them")
+    return chain, tokenizer
 
 
 def generate(cfg: AiflowConfig, prompt: str, tiers: list[str], family: str | None, remote: dict[str, str]) -> dict:
@@ -163,63 +171,25 @@ def generate(cfg: AiflowConfig, prompt: str, tiers: list[str], family: str | Non
     console.print(table)
     for line in result.stats["warnings"]:
         console.print(f"[yellow]warning:[/] {line}")
+    if not result.stats["verified"]:
+        console.print("[red]UNVERIFIED:[/] a verifier was lost; this answer is the device member's alone "
+                      "(serving.on_verifier_loss=device). Exit status 3.")
     return result.stats
 
 
-def serve_member(cfg: AiflowConfig, tier: str, family: str | None, member: str | None, exit_layer: int | None,
-                 port: int, core: int | None, threads: int | None) -> None:
-    """Serve one tier's member until interrupted (see :mod:`aiflow_fl.serving.server`)."""
-    from aiflow_fl.serving.server import serve
-
-    if tier not in ("edge", "cloud"):
-        raise AiflowError(f"--tier is '{tier}'; a server is an 'edge' or a 'cloud' tier (the device runs `aiflow generate`).")
-    if family:
-        if not member:
-            raise AiflowError("--family needs --member NAME (one of the family's members).")
-        chosen = family_members(family, [member])[0][0]
-    else:
-        from aiflow_fl.models import load_backbone
-
-        backbone = load_backbone(cfg.model.name).model
-        layers = backbone.config.num_hidden_layers
-        k = layers if exit_layer is None else exit_layer
-        chosen = early_exit_members(backbone, [k])[0] if k < layers else Member("full", backbone, layers)
-    serve(chosen, port=port, core=core, threads=threads)
-
-
 def start_server(args: list[str], timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
-    """Start ``aiflow serve ARGS`` as a child process and wait for its READY line; returns (process, url)."""
-    command = [sys.executable, "-m", "aiflow_fl.cli", "serve", *args]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
-    deadline = time.monotonic() + timeout_s
-    import selectors
+    """Start ``aiflow serve ARGS`` as a child process, wait until it is healthy; returns (process, url)."""
+    from aiflow_fl.serving.api.main import start
 
-    selector = selectors.DefaultSelector()
-    selector.register(proc.stdout, selectors.EVENT_READ)  # type: ignore[arg-type]
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AiflowError(f"`aiflow serve {' '.join(args)}` exited with code {proc.returncode}: {proc.stderr.read()[-800:]}")  # type: ignore[union-attr]
-        if selector.select(timeout=0.5):
-            line = proc.stdout.readline()  # type: ignore[union-attr]
-            if line.startswith("READY"):
-                return proc, f"http://127.0.0.1:{int(line.split()[1])}"
-    proc.kill()
-    proc.wait(timeout=10)
-    raise AiflowError(f"`aiflow serve {' '.join(args)}` was not ready within {timeout_s:.0f} s.")
+    server = start(args, timeout_s=timeout_s)
+    return server.proc, server.url
 
 
 def stop_server(proc: subprocess.Popen) -> None:
     """Stop a server started by :func:`start_server` (terminate, then kill)."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-    for stream in (proc.stdout, proc.stderr):
-        if stream is not None:
-            stream.close()
+    from aiflow_fl.serving.api.main import stop
+
+    stop(proc)
 
 
 def parse_remote(items: list[str]) -> dict[str, str]:
@@ -229,5 +199,16 @@ def parse_remote(items: list[str]) -> dict[str, str]:
         name, sep, url = item.partition("=")
         if not sep or name not in ("edge", "cloud"):
             raise AiflowError(f"--remote '{item}' must be edge=URL or cloud=URL (e.g. edge=http://127.0.0.1:8001).")
+        out[name] = url
+    return out
+
+
+def parse_member_remote(items: list[str]) -> dict[str, str]:
+    """``["full=http://127.0.0.1:8001", ...]`` -> {"full": url} (``aiflow serve --remote``: by member name)."""
+    out = {}
+    for item in items:
+        name, sep, url = item.partition("=")
+        if not sep or not name or not url.startswith(("http://", "https://")):
+            raise AiflowError(f"--remote '{item}' must be MEMBER=URL (e.g. full=http://127.0.0.1:8001).")
         out[name] = url
     return out
