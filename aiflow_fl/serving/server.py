@@ -107,7 +107,8 @@ class TierSessions:
     def info(self) -> dict:
         import os
 
-        return {"default": self.default, "pid": os.getpid(), "max_sessions": self.max_sessions,
+        return {"default": self.default, "pid": os.getpid(), "max_sessions": self.max_sessions, "sessions": len(self.sessions),
+                "evicted": self.evicted,
                 "members": [{"name": m.name, "exit_layer": m.exit_layer, "shared_layers": m.shared_layers,
                              "branch": m.branch, "hidden_size": m.hidden_size, "max_len": self.context[m.name]}
                             for m in self.members.values()]}

@@ -69,7 +69,10 @@ class ChainRunner:
             else:
                 tiers.append(LocalTier(m, entry))
             low = plain
-        links = [Link(f"{a.name}->{b.name}") for a, b in zip(tiers, tiers[1:])]
+        # simulated links (serving.edge_link for the first hop, cloud_link for the second) on top of the real one
+        configs = [s.edge_link, s.cloud_link]
+        links = [Link(f"{a.name}->{b.name}", c.latency_ms, c.bandwidth_mbps, c.jitter_ms, s.seed + i)
+                 for i, (a, b, c) in enumerate(zip(tiers, tiers[1:], configs))]
         blocks = [1] + ([s.cloud_block] if len(tiers) == 3 else [])
         seed = seed if seed is not None else int(torch.randint(0, 2**31 - 1, (1,)))
         return Chain(tiers, links=links, draft_len=s.draft_len, adaptive=s.adaptive, min_draft=s.min_draft_len,
