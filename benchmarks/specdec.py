@@ -229,7 +229,7 @@ def _pin_main(cores: set[int] | None) -> None:
 
 
 DRAFT_HEAD = {"quick": {"instructions": 16, "max_new_tokens": 24, "epochs": 1},
-              "full": {"instructions": 0, "max_new_tokens": 64, "epochs": 4}}  # 0: all ~760 instructions
+              "full": {"instructions": 0, "max_new_tokens": 64, "epochs": 3}}  # 0: all ~760 instructions
 
 
 def head_runner(head, full: Member, eos: list[int], cost_aware: bool, draft_len: int = 3, edge_link: bool = False) -> Callable:

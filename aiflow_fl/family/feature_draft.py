@@ -159,7 +159,7 @@ def train_draft_head(head, data: TeacherData, recipe: DraftHeadRecipe, progress=
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if progress is not None:
                 progress(epoch, s, float(loss))
     head.eval()

@@ -140,6 +140,8 @@ class Chain:
         self.initial_draft_len = draft_len
         self.mode_rates: list[list[float]] = [[0.0, 0.0], [0.0, 0.0]]  # 3-tier cost-aware: (tokens, s) solo / drafting
         self.window_tokens = self.windows = 0
+        self.preferred_mode, self.probe_gap = 0, 1  # 3-tier: start with the cloud alone
+        self.solo_gap, self._probing = 1, False  # 2-tier: probe drafting every solo_gap · probe_every tokens
         # Cost-aware drafting (acceptance.best_draft_len): a running acceptance estimate from
         # exponentially decayed counts of accepted / rejected draft tokens, and solo decoding
         # (draft length 0) that re-probes drafting every ``probe_every`` tokens.
@@ -462,11 +464,11 @@ class Chain:
             a, r = self.acceptance_counts
             self.acceptance_counts = [0.9 * a + slot.last_accepted, 0.9 * r + rejected]
         lowest = 1 if slot.via_hidden or len(self.slots) == 3 else 0
-        if gamma == 0:  # solo: re-probe drafting now and then, else the estimate never moves
+        if gamma == 0:  # solo: re-probe drafting now and then (less often after each probe that lost)
             self.solo_tokens += 1
-            if self.solo_tokens < self.probe_every:
+            if self.solo_tokens < self.probe_every * self.solo_gap:
                 return 0
-            self.solo_tokens = 0
+            self.solo_tokens, self._probing = 0, True
             self.draft_len = max(2, self.min_draft)
             self.policy_log.append(self.draft_len)
             return self.draft_len
@@ -474,9 +476,15 @@ class Chain:
         if len(drafts) < 2 or len(slot.job_s) < 2:
             return gamma  # not measured yet
         draft_s = sorted(drafts)[len(drafts) // 2]
-        verify_s = verify_costs(list(zip(slot.job_len, slot.job_s)), self.max_draft)
-        k, _ = best_draft_len(self.acceptance_estimate(), draft_s, verify_s, verify_s[1],
-                              bonus=not slot.via_hidden, lowest=lowest)
+        # forwards by their length n; from token ids a round of k drafts runs k + 1 positions (the
+        # pending bonus/correction token first), from the device's hidden states k
+        fit = verify_costs(list(zip(slot.job_len, slot.job_s)), self.max_draft + 1)
+        bonus = not slot.via_hidden
+        verify_s = [0.0] + fit[2:] if bonus else fit[: self.max_draft + 1]
+        k, _ = best_draft_len(self.acceptance_estimate(), draft_s, verify_s, fit[1], bonus=bonus, lowest=lowest)
+        if self._probing:
+            self.solo_gap = min(16, 2 * self.solo_gap) if k == 0 else 1
+            self._probing = False
         self.draft_len = k
         self.policy_log.append(k)
         return k
@@ -484,25 +492,33 @@ class Chain:
     def _three_tier_policy(self, gained: int, elapsed: float) -> None:
         """Cost-aware 3-tier chains: drafting through edge and cloud, or the cloud alone, by measured speed.
 
-        Finalised tokens and wall time are credited to the current mode (decayed sums). Every
-        ``probe_every`` tokens the faster mode is kept; a mode never measured is tried; every fourth
-        window the slower one is tried again (loads and acceptance change). Lossless either way.
+        Finalised tokens and wall time are credited to the current mode. The chain runs the mode it
+        believes faster (at first: the cloud alone, which never loses) for windows of ``probe_every``
+        tokens and, every ``gap`` windows, tries the other one for half a window; a probe that loses
+        doubles the gap (up to 32 windows), one that wins makes its mode the preferred one. So a
+        chain whose drafting does not pay spends a vanishing share of its tokens finding that out.
         """
         mode = 0 if self.draft_len == 0 else 1
         tokens, seconds = self.mode_rates[mode]
-        self.mode_rates[mode] = [0.9 * tokens + gained, 0.9 * seconds + elapsed]
+        self.mode_rates[mode] = [0.5 * tokens + gained, 0.5 * seconds + elapsed]
         self.window_tokens += gained
-        if self.window_tokens < self.probe_every:
+        probing = mode != self.preferred_mode
+        if self.window_tokens < (max(4, self.probe_every // 2) if probing else self.probe_every):
             return
-        self.window_tokens, self.windows = 0, self.windows + 1
-        rates = self._mode_speeds()
-        if None in rates:
-            choice = rates.index(None)
+        self.window_tokens = 0
+        speeds = self._mode_speeds()
+        if probing:
+            if speeds[mode] is not None and speeds[1 - mode] is not None and speeds[mode] > speeds[1 - mode]:
+                self.preferred_mode, self.probe_gap = mode, 1
+            else:
+                self.probe_gap = min(32, 2 * self.probe_gap)
+            nxt = self.preferred_mode
         else:
-            choice = max((0, 1), key=lambda m: rates[m])
-            if self.windows % 4 == 0:
-                choice = 1 - choice
-        self.draft_len = 0 if choice == 0 else max(self.min_draft, self.initial_draft_len)
+            self.windows += 1
+            nxt = mode
+            if self.windows >= self.probe_gap:
+                self.windows, nxt = 0, 1 - mode
+        self.draft_len = 0 if nxt == 0 else max(self.min_draft, self.initial_draft_len)
         self.policy_log.append(self.draft_len)
 
     def _mode_speeds(self) -> list[float | None]:
@@ -539,10 +555,9 @@ class Chain:
         self.stalls = 0
         self._inexact, self._feeding = set(), False
         self.window_tokens = 0
-        if self.cost_aware and len(self.slots) == 3 and None not in self._mode_speeds():
-            # what earlier calls measured carries over (the costs are the machine's, not the prompt's)
-            speeds = self._mode_speeds()
-            self.draft_len = 0 if speeds[0] >= speeds[1] else max(self.min_draft, self.initial_draft_len)
+        if self.cost_aware and len(self.slots) == 3:
+            # what earlier calls learnt carries over (the costs are the machine's, not the prompt's)
+            self.draft_len = 0 if self.preferred_mode == 0 else max(self.min_draft, self.initial_draft_len)
 
     def _finished(self, prompt_len: int, max_new_tokens: int) -> bool:
         final = self.seq[prompt_len:self.slots[-1].approved]

@@ -45,7 +45,7 @@ class DraftHead(nn.Module):
     The backbone's modules are referenced, never copied or trained here.
     """
 
-    def __init__(self, backbone: PreTrainedModel, vocab: torch.Tensor, init_from_last_layer: bool = True) -> None:
+    def __init__(self, backbone: PreTrainedModel, vocab: torch.Tensor, init_from_last_layer: bool = False) -> None:
         super().__init__()
         config = backbone.config
         hidden = int(config.hidden_size)
