@@ -130,7 +130,7 @@ class FederationConfig:
 
 @dataclass
 class HierarchyConfig:
-    enabled: bool = False  # edge aggregators between devices and the cloud (server/edge.py)
+    enabled: bool = False  # edge aggregators between devices and the cloud (strategies/edge.py)
     edge_rounds: int = 1  # HierFAVG kappa2: edge aggregations per cloud round
     edge_rank: int = 16  # rank of the factors an edge sends to the cloud; 0: exact (no truncation)
     trim_fraction: float = 0.2  # strategy=trimmed_mean: share of values cut at each end per coordinate

@@ -14,8 +14,8 @@ one bind each method to a named class. Everything Flower-specific lives here and
   ``num-examples``, NaN/Inf, factor shapes that do not match the key's known shape), is logged and
   left out; fewer than ``min_clients`` good replies stop the run with an :class:`AiflowError`.
 * **Hierarchy.** With ``hierarchy`` set, devices are grouped by edge and merged at their
-  :class:`server.edge.EdgeAggregator` for ``edge_rounds`` Flower rounds, then the cloud merges the
-  edges (see ``server/edge.py``). :meth:`start` takes ``num_rounds`` in *cloud* rounds.
+  :class:`strategies.edge.EdgeAggregator` for ``edge_rounds`` Flower rounds, then the cloud merges the
+  edges (see ``strategies/edge.py``). :meth:`start` takes ``num_rounds`` in *cloud* rounds.
 * **Communication.** Every message's serialized size is added to its link; each round's metrics
   carry ``bytes/<link>``, ``cloud-bytes`` and ``sim-round-s`` (from the configured links and the
   devices' reported ``train-time-s``); :attr:`history` keeps them for plots and benchmarks.
@@ -46,7 +46,7 @@ from aiflow_fl.aggregation.common import Aggregate, Layers
 from aiflow_fl.aggregation.update import AdapterUpdate, LoraFactors
 from aiflow_fl.errors import AiflowError
 from aiflow_fl.protocol import BASE, CONFIG, LORA, METRICS, NUM_EXAMPLES, PROFILE, arrays_to_update, update_to_arrays
-from server.edge import EdgeAggregator
+from strategies.edge import EdgeAggregator
 
 Method = Callable[[list[AdapterUpdate]], Aggregate]
 
