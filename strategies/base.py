@@ -60,6 +60,7 @@ class NodeProfile:
     rank: int | None = None
     alpha: float | None = None
     keys: set[str] | None = None
+    partition_id: int | None = None  # the device's data partition (from its profile record)
 
     @property
     def scaling(self) -> float:
@@ -324,6 +325,8 @@ class LoraStrategy(Strategy):
             p = content[PROFILE]
             profile.member = str(p.get("member", profile.member))
             profile.edge_id = str(p.get("edge-id", profile.edge_id))
+            if p.get("partition-id") is not None:
+                profile.partition_id = int(p.get("partition-id"))
             rank, alpha = p.get("lora-rank"), p.get("lora-alpha")
             profile.rank = int(rank) if rank else max(f.rank for f in update.layers.values())
             profile.alpha = float(alpha) if alpha else None
