@@ -309,10 +309,8 @@ class LoraStrategy(Strategy):
             update = arrays_to_update(content[LORA], int(num_examples))
             if not update.layers:
                 raise ValueError("the 'lora' record holds no module")
+            update.check_shapes(self.shapes)  # names the key and the shapes (swapped factors, wrong module)
             for key, f in update.layers.items():
-                shape = (f.B.shape[0], f.A.shape[1])
-                if self.shapes.get(key, shape) != shape:
-                    raise ValueError(f"module '{key}' has shape {shape}, but {self.shapes[key]} before")
                 if not torch.isfinite(torch.tensor(f.scaling)):
                     raise ValueError(f"module '{key}' has a non-finite scaling")
         except (ValueError, KeyError, TypeError) as exc:
