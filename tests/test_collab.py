@@ -239,7 +239,7 @@ def no_model_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
 
-    monkeypatch.setattr("aiflow_fl.federated.member.load_member", refuse)
+    monkeypatch.setattr("aiflow_fl.family.member.member_from_config", refuse)
     monkeypatch.setattr("aiflow_fl.collab.embed.SentenceEncoder.__init__", refuse)
 
 

@@ -177,11 +177,10 @@ def read_run_specialists(run_dir: str | Path) -> tuple[SpecialistInfo, list[Spec
 # ---------------------------------------------------------------------------- building agents
 def load_specialist_model(cfg, info: SpecialistInfo):
     """(model, tokenizer): the member named in ``info`` with its adapter folded into its frozen weights."""
-    from aiflow_fl.federated.lora import fold_base
-    from aiflow_fl.federated.member import load_member
+    from aiflow_fl.family.member import member_from_config
 
-    member = load_member(cfg, info.member)
-    fold_base(member.model, member, load_adapter(Path(info.folder) / ADAPTER_FILE))
+    member = member_from_config(cfg, info.member)
+    member.fold(load_adapter(Path(info.folder) / ADAPTER_FILE))
     member.model.eval()
     return member.model, member.tokenizer
 
