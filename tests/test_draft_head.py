@@ -10,7 +10,7 @@ from aiflow_fl.family.feature_draft import DraftHeadRecipe, frequent_vocab, head
 from aiflow_fl.models import tiny_model
 from aiflow_fl.serving.build import head_chain
 from aiflow_fl.serving.draft_head import DraftHead, load_draft_head, save_draft_head
-from aiflow_fl.serving.members import Member
+from aiflow_fl.family.member import early_exit_member
 from test_specdec import one_thread, reference, scrambled  # noqa: F401  (one_thread: autouse fixture)
 
 
@@ -30,7 +30,7 @@ def test_head_chains_equal_transformers_generate(arch):
     generate()'s tokens: fixed, adaptive and cost-aware draft lengths, several prompts."""
     model = scrambled(arch)
     head = DraftHead(model, torch.arange(0, model.config.vocab_size, 2))
-    full = Member("full", model, model.config.num_hidden_layers)
+    full = early_exit_member(model, "full")
     for seed, prompt_len in [(0, 5), (1, 9)]:
         ids = torch.randint(3, 500, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
         expected = reference(model, ids, 20)
@@ -59,7 +59,7 @@ def test_trained_head_fits_the_teachers_answers_and_gets_drafts_accepted():
     assert record["last_loss"] < record["first_loss"]
     assert after["1"] > before["1"] + 0.15 and after["3"] > before["3"], (before, after)
     ids = seqs[0][:6].view(1, -1)
-    result = head_chain(head, Member("full", model, 6), eos_token_ids=[], draft_len=3).generate(ids, 24)
+    result = head_chain(head, early_exit_member(model, "full"), eos_token_ids=[], draft_len=3).generate(ids, 24)
     assert result.tokens == seqs[0][6:].tolist()
     assert result.stats["tiers"][1]["accepted"] > 0
 
@@ -85,4 +85,4 @@ def test_head_files_round_trip_and_mismatches_are_named(tmp_path):
         load_draft_head(truncated, model)
     other = tiny_model("llama", hidden_size=48)
     with pytest.raises(AiflowError, match="hidden_size"):
-        head_chain(head, Member("other", other, 4))
+        head_chain(head, early_exit_member(other, "full"))

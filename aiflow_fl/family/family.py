@@ -11,8 +11,9 @@ Folder format (written to a temporary folder next to the target, then renamed in
                            hpcd.model.layers.{i}.….us.{c} / .vs.{c}   HPCD component c of a linear
     config.json, tokenizer files   the backbone's
 
-:func:`load_member` opens the safetensors file and reads only the keys (and, for a partial branch,
-only the prefix slices) that one member uses: what a device would download.
+:func:`read_member` (behind :func:`aiflow_fl.family.member.load_family_member`, the one way to get a
+:class:`~aiflow_fl.family.member.Member` of a folder) opens the safetensors file and reads only the keys
+(and, for a partial branch, only the prefix slices) that one member uses: what a device would download.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from aiflow_fl.errors import AiflowError
+from aiflow_fl.family.batches import calibration_batches
 from aiflow_fl.family.budget import budget_from_fraction, exit_and_ratio, explicit_eesb, size_model
-from aiflow_fl.family.members import (
+from aiflow_fl.family.spec import (
     _LAYER_PATH,
     LINEAR_NAMES,
     MemberSpec,
@@ -173,8 +175,9 @@ def describe_folder(folder: str | Path) -> dict[str, Any]:
     return _read_description(Path(folder))
 
 
-def load_member(folder: str | Path, name: str, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, Any, MemberSpec]:
-    """``(model, tokenizer, spec)`` of one member, reading only the tensors (and slices) it uses."""
+def read_member(folder: str | Path, name: str, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, Any, MemberSpec]:
+    """``(model, tokenizer, spec)`` of one member, reading only the tensors (and slices) it uses.
+    Consumers take :func:`aiflow_fl.family.member.load_family_member`, which wraps this in a Member."""
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -299,18 +302,6 @@ def empty_family(model: PreTrainedModel, tokenizer: Any = None) -> Family:
     return family
 
 
-def calibration_batches(tokenizer, samples: int, seq_len: int, batch_size: int = 4, source: str = "pydoc", seed: int = 0) -> list[torch.Tensor]:
-    """Token batches for calibration from the *training* side of the data split (never held-out)."""
-    from aiflow_fl.data.partition import split_heldout
-    from aiflow_fl.data.sources import load_chunks
-
-    train, _ = split_heldout(load_chunks(source, tokenizer, seq_len), 0.1, seed)
-    generator = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(len(train), generator=generator)[:samples]
-    rows = train.input_ids[pick]
-    return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-
-
 def family_from_backbone(
     model: PreTrainedModel,
     tokenizer: Any,
@@ -373,7 +364,9 @@ def family_from_backbone(
 
 
 def head_member(family: Family, exit_layer: int) -> MemberSpec:
-    """The direct-head baseline at ``exit_layer`` (first ``exit_layer`` layers + norm + head)."""
-    check_exit(exit_layer, family.config.num_hidden_layers, kind="head")
-    spec = MemberSpec(f"head-{exit_layer}", "head", exit=exit_layer)
+    """Register the direct-head baseline at ``exit_layer`` (first ``exit_layer`` layers + norm + head):
+    the family's ``exit-{exit_layer}`` member, the same kind ``exit`` as a backbone's early exit
+    (:func:`aiflow_fl.family.member.early_exit_member`); build it with ``load_family_member``."""
+    check_exit(exit_layer, family.config.num_hidden_layers, kind="exit")
+    spec = MemberSpec(f"exit-{exit_layer}", "exit", exit=exit_layer)
     return family.add(spec)

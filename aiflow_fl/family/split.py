@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from aiflow_fl.errors import AiflowError
-from aiflow_fl.family.members import MemberSpec
+from aiflow_fl.family.spec import MemberSpec
 from aiflow_fl.layers import embed, head, positions, run_layers
 
 

@@ -14,9 +14,8 @@ import torch
 from aiflow_fl.aggregation.update import AdapterUpdate
 from aiflow_fl.config import AiflowConfig
 from aiflow_fl.data import TokenChunks, central_heldout, load_chunks
+from aiflow_fl.family.member import member_from_config
 from aiflow_fl.federated.local import evaluate
-from aiflow_fl.federated.lora import fold_base
-from aiflow_fl.federated.member import load_member
 
 
 class CentralEvaluator:
@@ -38,9 +37,9 @@ class CentralEvaluator:
     def __call__(self, merged: AdapterUpdate | None) -> dict[str, float]:
         out: dict[str, float] = {}
         for name in self.members:
-            member = load_member(self.cfg, name)
+            member = member_from_config(self.cfg, name)
             if merged is not None:
-                fold_base(member.model, member, merged)  # keys of deeper layers than the member's are skipped
+                member.fold(merged)  # keys of deeper layers than the member's are skipped
             metrics = evaluate(member.model, self.heldout(member.tokenizer), self.cfg.train.eval_batch_size)
             out[f"eval-loss/{name}"] = metrics["eval-loss"]
             out[f"eval-accuracy/{name}"] = metrics["eval-accuracy"]

@@ -33,7 +33,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from aiflow_fl.errors import AiflowError
 from aiflow_fl.layers import decoder_of, positions, run_layers
-from aiflow_fl.serving.members import TierOutput, predictions
+from aiflow_fl.serving.tiers import TierOutput, predictions
 
 FORMAT = "aiflow-draft-head/1"
 
