@@ -270,12 +270,12 @@ def add_hpcd(
     if not isinstance(count, int) or count < 1:
         raise AiflowError(f"family.hpcd_components is {count!r}; it must be an integer ≥ 1.")
     check_ratio(ratio, "HPCD component ratio")
-    from rich.progress import Progress
+    from aiflow_fl.progress import progress_bar
 
     wanted = None if layers is None else set(layers)
     keys = [k for k in family.backbone_keys
             if _is_linear_weight(k) and (wanted is None or int(_LAYER_PATH.match(k).group(1)) in wanted)]  # type: ignore[union-attr]
-    with Progress(transient=True) as progress:
+    with progress_bar(transient=True) as progress:
         task = progress.add_task("HPCD components", total=len(keys))
         for key in keys:
             path = key[: -len(".weight")]

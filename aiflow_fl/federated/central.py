@@ -14,7 +14,7 @@ import torch
 from aiflow_fl.aggregation.update import AdapterUpdate
 from aiflow_fl.config import AiflowConfig
 from aiflow_fl.data import TokenChunks, central_heldout, load_chunks
-from aiflow_fl.federated.local import evaluate
+from aiflow_fl.federated.local import evaluate_chunks, summarize_chunks
 from aiflow_fl.federated.lora import fold_base
 from aiflow_fl.federated.member import load_member
 
@@ -26,6 +26,7 @@ class CentralEvaluator:
         self.cfg = cfg
         self.members = list(dict.fromkeys(cfg.federation.members or ["full"]))
         self._heldout: TokenChunks | None = None
+        self.per_chunk: dict[str, dict] = {}  # member -> {"nll", "correct", "tokens"} of the last call
 
     def heldout(self, tokenizer) -> TokenChunks:
         if self._heldout is None:
@@ -41,7 +42,8 @@ class CentralEvaluator:
             member = load_member(self.cfg, name)
             if merged is not None:
                 fold_base(member.model, member, merged)  # keys of deeper layers than the member's are skipped
-            metrics = evaluate(member.model, self.heldout(member.tokenizer), self.cfg.train.eval_batch_size)
+            self.per_chunk[name] = evaluate_chunks(member.model, self.heldout(member.tokenizer), self.cfg.train.eval_batch_size)
+            metrics = summarize_chunks(self.per_chunk[name])
             out[f"eval-loss/{name}"] = metrics["eval-loss"]
             out[f"eval-accuracy/{name}"] = metrics["eval-accuracy"]
         out["eval-loss"] = sum(out[f"eval-loss/{n}"] for n in self.members) / len(self.members)
