@@ -2,8 +2,9 @@
 
 The server's model after a round is ``W0 + merged`` where ``merged`` is the strategy's cumulative
 update (base + adapter, as factors keyed by family-wide keys). Each distinct member in
-``federation.members`` gets the keys it has folded into its frozen weights (a shallow member simply
-skips deeper layers' keys) and is evaluated on the held-out chunks of every domain
+``federation.members`` (the family's :class:`~aiflow_fl.family.member.Member`, via
+``member_from_config``) gets the keys it has folded into its frozen weights with ``Member.fold`` (a
+shallow member simply skips deeper layers' keys) and is evaluated on the held-out chunks of every domain
 (:func:`aiflow_fl.data.central_heldout`). Reported: per-member loss/accuracy and their mean.
 """
 
