@@ -112,10 +112,14 @@ def run_server(grid: Grid, cfg: AiflowConfig, progress: Any = None) -> ServerSum
     evaluator = CentralEvaluator(cfg)
     reporter = RoundReporter(cfg, folder.records("continual"))  # ε per device, accuracy per stage
     round_start = [time.perf_counter()]
+    # The cloud's base at the start of the current cloud round: with the edges' merges of the last round
+    # it makes each edge's specialist (collab.save_specialists; aiflow_fl/collab/specialists.py).
+    cloud_base = [dict(strategy.base)]
 
     def evaluate_fn(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """After each Flower round: on cloud-round ends, evaluate, log and checkpoint (atomically)."""
         if flower_round == 0:
+            cloud_base[0] = dict(strategy.base)
             if checkpoint is not None:
                 return None  # evaluated in the interrupted run already
             metrics = evaluator(None)
@@ -149,6 +153,12 @@ def run_server(grid: Grid, cfg: AiflowConfig, progress: Any = None) -> ServerSum
             folder.log(record)
         tensors = {k: arrays[k].numpy() for k in arrays.keys()}
         folder.save_checkpoint(cloud_round, tensors, {"round": cloud_round, "strategy": cfg.strategy})
+        if cloud_round == cfg.federation.rounds and cfg.collab.save_specialists and cfg.hierarchy.enabled:
+            from aiflow_fl.collab.specialists import save_run_specialists
+
+            saved = save_run_specialists(folder.path, cfg, strategy, cloud_base[0])
+            log(INFO, "saved the general member and %d edge specialist(s) under %s", len(saved) - 1, saved[0].parent)
+        cloud_base[0] = dict(strategy.base)
         log(INFO, "round %d: held-out loss %.4f, accuracy %.4f (checkpoint saved)", cloud_round,
             metrics["eval-loss"], metrics["eval-accuracy"])
         round_start[0] = time.perf_counter()

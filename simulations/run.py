@@ -45,8 +45,10 @@ def simulate(cfg: AiflowConfig, show_progress: bool = True, node_overrides: dict
     from clients.app import build_client_app
     from server.app import build_server_app
 
-    if cfg.federation.num_devices < 1:
-        raise AiflowError(f"federation.num_devices is {cfg.federation.num_devices}; it must be >= 1.")
+    from aiflow_fl.federated.preflight import check_before_start
+
+    backend = backend_config(cfg)
+    check_before_start(cfg)  # data, members, run folder: refused before Ray starts or a folder is made
     resolve_run_dir(cfg)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -57,7 +59,7 @@ def simulate(cfg: AiflowConfig, show_progress: bool = True, node_overrides: dict
         server_app = build_server_app(cfg, progress if show_progress else None, summaries)
         client_app = build_client_app(cfg, node_overrides)
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_devices,
-                       backend_config=backend_config(cfg))
+                       backend_config=backend)
     if not summaries:
         failed = RunFolder(cfg.run.dir).records("failed")
         reason = failed[-1]["error"] if failed else "see the log above"

@@ -14,8 +14,8 @@ one bind each method to a named class. Everything Flower-specific lives here and
   ``num-examples``, NaN/Inf, factor shapes that do not match the key's known shape), is logged and
   left out; fewer than ``min_clients`` good replies stop the run with an :class:`AiflowError`.
 * **Hierarchy.** With ``hierarchy`` set, devices are grouped by edge and merged at their
-  :class:`server.edge.EdgeAggregator` for ``edge_rounds`` Flower rounds, then the cloud merges the
-  edges (see ``server/edge.py``). :meth:`start` takes ``num_rounds`` in *cloud* rounds.
+  :class:`strategies.edge.EdgeAggregator` for ``edge_rounds`` Flower rounds, then the cloud merges the
+  edges (see ``strategies/edge.py``). :meth:`start` takes ``num_rounds`` in *cloud* rounds.
 * **Communication.** Every message's serialized size is added to its link; each round's metrics
   carry ``bytes/<link>``, ``cloud-bytes`` and ``sim-round-s`` (from the configured links and the
   devices' reported ``train-time-s``); :attr:`history` keeps them for plots and benchmarks.
@@ -46,7 +46,7 @@ from aiflow_fl.aggregation.common import Aggregate, Layers
 from aiflow_fl.aggregation.update import AdapterUpdate, LoraFactors
 from aiflow_fl.errors import AiflowError
 from aiflow_fl.protocol import BASE, CONFIG, LORA, METRICS, NUM_EXAMPLES, PROFILE, arrays_to_update, update_to_arrays
-from server.edge import EdgeAggregator
+from strategies.edge import EdgeAggregator
 
 Method = Callable[[list[AdapterUpdate]], Aggregate]
 
@@ -60,6 +60,7 @@ class NodeProfile:
     rank: int | None = None
     alpha: float | None = None
     keys: set[str] | None = None
+    partition_id: int | None = None  # the device's data partition (from its profile record)
 
     @property
     def scaling(self) -> float:
@@ -308,10 +309,8 @@ class LoraStrategy(Strategy):
             update = arrays_to_update(content[LORA], int(num_examples))
             if not update.layers:
                 raise ValueError("the 'lora' record holds no module")
+            update.check_shapes(self.shapes)  # names the key and the shapes (swapped factors, wrong module)
             for key, f in update.layers.items():
-                shape = (f.B.shape[0], f.A.shape[1])
-                if self.shapes.get(key, shape) != shape:
-                    raise ValueError(f"module '{key}' has shape {shape}, but {self.shapes[key]} before")
                 if not torch.isfinite(torch.tensor(f.scaling)):
                     raise ValueError(f"module '{key}' has a non-finite scaling")
         except (ValueError, KeyError, TypeError) as exc:
@@ -324,6 +323,8 @@ class LoraStrategy(Strategy):
             p = content[PROFILE]
             profile.member = str(p.get("member", profile.member))
             profile.edge_id = str(p.get("edge-id", profile.edge_id))
+            if p.get("partition-id") is not None:
+                profile.partition_id = int(p.get("partition-id"))
             rank, alpha = p.get("lora-rank"), p.get("lora-alpha")
             profile.rank = int(rank) if rank else max(f.rank for f in update.layers.values())
             profile.alpha = float(alpha) if alpha else None

@@ -9,31 +9,6 @@ import typer
 family_app = typer.Typer(help="Build, inspect and evaluate familial models (EESB / HPCD).", no_args_is_help=True)
 
 
-def training_batches(tokenizer, seq_len: int, batch_size: int, source: str = "pydoc", seed: int = 0):
-    """Endless random batches from the training side of the data split (held-out text never used)."""
-    import torch
-
-    from aiflow_fl.data.partition import split_heldout
-    from aiflow_fl.data.sources import load_chunks
-
-    train, _ = split_heldout(load_chunks(source, tokenizer, seq_len), 0.1, seed)
-    generator = torch.Generator().manual_seed(seed + 1)
-    while True:
-        for index in torch.randperm(len(train), generator=generator).split(batch_size):
-            if len(index) == batch_size:
-                yield train.input_ids[index]
-
-
-def heldout_batches(tokenizer, seq_len: int, batch_size: int, limit: int, source: str = "pydoc", seed: int = 0):
-    """The first ``limit`` held-out chunks, in batches."""
-    from aiflow_fl.data.partition import split_heldout
-    from aiflow_fl.data.sources import load_chunks
-
-    _, heldout = split_heldout(load_chunks(source, tokenizer, seq_len), 0.1, seed)
-    rows = heldout.input_ids[:limit]
-    return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-
-
 def _members_table(rows: list[dict], title: str, extra: list[str] = ()):  # type: ignore[assignment]
     """Members as a table that stays readable in 80 columns (parameters in millions; with ``extra``
     columns, the memory columns give way to them)."""
@@ -59,6 +34,7 @@ def build_family(cfg, console=None):
     """Calibrate, decompose, train what the config asks for, save; returns the saved Family."""
     import time
 
+    from aiflow_fl.family.batches import training_batches
     from aiflow_fl.family.family import family_from_backbone
     from aiflow_fl.family.train import branch_batches, train_branches, train_hpcd
     from aiflow_fl.models import load_backbone
@@ -132,8 +108,10 @@ def evaluate(
     """Perplexity, top-1 accuracy and retention (top-1 / the full member's) of members on held-out text."""
     from rich.console import Console
 
+    from aiflow_fl.family.batches import heldout_batches
     from aiflow_fl.family.evaluate import evaluate_lm
-    from aiflow_fl.family.family import describe_folder, load_member
+    from aiflow_fl.family.family import describe_folder
+    from aiflow_fl.family.member import load_family_member
 
     description = describe_folder(folder)
     names = [m["name"] for m in description["members"]]
@@ -142,10 +120,11 @@ def evaluate(
     rows, full_top1 = [], None
     batches = None
     for name in chosen:
-        model, tokenizer, spec = load_member(folder, name)
+        member = load_family_member(folder, name)
+        spec = member.spec
         if batches is None:
-            batches = heldout_batches(tokenizer, seq_len, 4, samples)
-        scores = evaluate_lm(model, batches)
+            batches = heldout_batches(member.tokenizer, seq_len, 4, samples)
+        scores = evaluate_lm(member.model, batches)
         full_top1 = scores["top1_acc"] if full_top1 is None else full_top1
         full = next(m for m in description["members"] if m["kind"] == "full")
         rows.append(spec.to_dict() | {

@@ -35,7 +35,7 @@ from torch import nn
 
 from aiflow_fl.errors import AiflowError
 from aiflow_fl.family.family import Family
-from aiflow_fl.family.members import LINEAR_NAMES, MemberSpec
+from aiflow_fl.family.spec import LINEAR_NAMES, MemberSpec
 from aiflow_fl.family.svd import DecomposedLinear, factorize, rank_for_ratio
 from aiflow_fl.layers import head, positions, run_layers
 
@@ -311,7 +311,7 @@ def branch_batches(model, tokenizer, tcfg, source: str = "pydoc", seed: int = 0,
     if tcfg.data not in DATA_SOURCES:
         raise AiflowError(f"family.branch_training.data is '{tcfg.data}'; allowed: {', '.join(DATA_SOURCES)}.")
     if tcfg.data == "text":
-        from aiflow_fl.family.cli import training_batches
+        from aiflow_fl.family.batches import training_batches
 
         return training_batches(tokenizer, tcfg.seq_len, tcfg.batch_size, source, seed)
     from aiflow_fl.family.instructions import instructions, self_answers, self_batches

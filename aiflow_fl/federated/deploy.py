@@ -248,7 +248,10 @@ def deploy_command(overrides: list[str], nodes: int = 0, timeout_s: float = 3600
 
     from aiflow_fl.federated.run import RunFolder, config_for, print_summary, resolve_run_dir, summarize
 
+    from aiflow_fl.federated.preflight import check_before_start
+
     cfg = config_for(overrides)
+    check_before_start(cfg)  # data, members, run folder: refused before any Flower process starts
     run_dir = resolve_run_dir(cfg)
     num_nodes = nodes or cfg.federation.num_devices
     folder = RunFolder(run_dir)
