@@ -124,6 +124,7 @@ def run_server(grid: Grid, cfg: AiflowConfig, progress: Any = None) -> ServerSum
                 return None  # evaluated in the interrupted run already
             metrics = evaluator(None)
             folder.log({"round": 0, "kind": "eval", **metrics})
+            folder.save_eval_chunks(0, evaluator.per_chunk)
             round_start[0] = time.perf_counter()
             return MetricRecord(metrics)
         if flower_round % edge_rounds:
@@ -144,6 +145,7 @@ def run_server(grid: Grid, cfg: AiflowConfig, progress: Any = None) -> ServerSum
                     "clients-failed": sum(h["clients-failed"] for h in history) + sum("timed out" in f for f in failures),
                     "failures": failures})
         folder.log({"round": cloud_round, "kind": "eval", **metrics})
+        folder.save_eval_chunks(cloud_round, evaluator.per_chunk)
         device_evals = watched.eval_metrics.get(watched.round_offset + flower_round, [])
         if device_evals:  # the devices' own held-out data: their domains
             folder.log({"round": cloud_round, "kind": "device-eval", **_weighted_eval(device_evals)})

@@ -21,6 +21,7 @@ from aiflow_fl.family import (
     load_family_member,
     module_path,
 )
+from aiflow_fl.family.family import seal_folder
 from aiflow_fl.family.budget import budget_from_fraction, exit_and_ratio, explicit_eesb, size_model
 from aiflow_fl.family.spec import count_member, skeleton
 from aiflow_fl.models import tiny_model
@@ -157,6 +158,7 @@ def test_save_and_load_member_reads_only_its_tensors(tiny, tokenizer, tmp_path):
                 if k.startswith("branch.1.") or not (k.startswith(("branch.", "hpcd.", "model.layers.")))
                 or k.startswith("model.layers.0.")}
     save_file(kept, str(folder / "tensors.safetensors"))
+    seal_folder(folder)  # the download comes with the digests of what it holds
     model = load_family_member(folder, "eesb-0").model
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, family.build("eesb-0")(ids).logits, atol=1e-5, rtol=1e-5)
@@ -166,6 +168,7 @@ def test_save_and_load_member_reads_only_its_tensors(tiny, tokenizer, tmp_path):
     # a mismatched tensor is named
     kept["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(3, 3)
     save_file(kept, str(folder / "tensors.safetensors"))
+    seal_folder(folder)  # consistent digests, wrong shapes: the shape check names the tensor
     with pytest.raises(AiflowError, match="model.layers.0.self_attn.q_proj.weight"):
         load_family_member(folder, "eesb-0")
     with pytest.raises(AiflowError, match="no member 'eesb-9'"):

@@ -200,6 +200,7 @@ def test_cloud_round_bytes_are_summed_over_its_edge_rounds_and_plotted(tmp_path)
     """A cloud round of κ2 edge rounds carries the sum of what each link moved in every edge round."""
     from PIL import Image
 
+    from aiflow_fl.federated.run import draw_summary
     from server.app import _link_totals
 
     edge_rounds = [
@@ -211,10 +212,14 @@ def test_cloud_round_bytes_are_summed_over_its_edge_rounds_and_plotted(tmp_path)
     run = RunFolder.create(load_config([f"run.dir={tmp_path / 'r'}"]))
     run.log({"round": 1, "kind": "train", "train-loss": 2.0, **totals})
     run.log({"round": 1, "kind": "eval", "eval-loss": 2.0, "eval-accuracy": 0.1})
-    with_bytes = Image.open(run.plot()).size
+    assert Image.open(run.plot()).size[0] > 800
+    bars = draw_summary(run).axes[3]  # panel (d): bytes per link, MB per cloud round
+    heights = {t.get_text(): [p.get_height() for p in c] for t, c in zip(bars.get_legend().get_texts(), bars.containers)}
+    assert heights == {"device->edge (uplink)": [220 / 1e6], "edge->device (downlink)": [0.0],
+                       "edge->cloud (uplink)": [40 / 1e6], "cloud->edge (downlink)": [0.0]}
     plain = RunFolder.create(load_config([f"run.dir={tmp_path / 'p'}"]))
     plain.log({"round": 1, "kind": "train", "train-loss": 2.0})
-    assert with_bytes[0] > Image.open(plain.plot()).size[0]  # the third panel: bytes per link
+    assert draw_summary(plain).axes[3].get_legend() is None  # nothing counted: no bars, a note instead
 
 
 def test_loaded_members_share_frozen_weights_and_folding_a_base_touches_only_its_copy(tiny_llama_dir):

@@ -1,5 +1,9 @@
 """What one device does in a round, without Flower: profile, data, member + LoRA, train, evaluate.
 
+The member is the family's :class:`~aiflow_fl.family.member.Member` (:func:`member_from_config
+<aiflow_fl.family.member.member_from_config>`, a cheap copy of a per-process pristine member); the
+server's ``base`` is folded in with ``Member.fold``, updates travel under ``Member.key_of`` keys.
+
 The ClientApp (``clients/app.py``) only converts Flower records to these arguments and back.
 :class:`DeviceState` is everything that must survive between rounds; the ClientApp keeps it in
 ``context.state`` (each Flower message may run in a fresh process).
