@@ -429,6 +429,8 @@ class Chain:
         Sequential: grow on full acceptance, shrink on rejection. Pipelined: match the draft block to
         the verifier's forward time (median verify time / median device time per token).
         """
+        if len(self.slots) < 2:
+            return gamma  # every verifier was dropped (_drop): the device goes on alone, nothing to choose
         if self.cost_aware and job.g == 1:
             if len(self.slots) == 3 and gamma == 0:
                 return 0  # 3 tiers: solo vs drafting is the measured policy's call (_three_tier_policy)
