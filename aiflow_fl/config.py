@@ -211,7 +211,7 @@ class ServingConfig:
     # on by default so a plain `aiflow generate`/`serve`/demo is never slower than its last tier alone:
     # the last tier then reads token ids and decodes alone whenever drafting does not pay
     cost_aware: bool = True
-    probe_every: int = 16  # cost_aware: while the verifier decodes alone, try drafting again every N tokens
+    probe_every: int = 16  # cost_aware: measured windows of N tokens; the other mode is probed for N/2 (gap doubles on a loss)
     # 2-tier chains: a feature-level draft head (EAGLE; `aiflow bench specdec` trains one) as the device.
     # auto: the head trained for the last tier's weights if one is in $AIFLOW_CACHE/draft-head; off; or a file
     draft_head: str = "auto"

@@ -330,8 +330,9 @@ def test_verify_costs_fit_a_line():
 
 
 def test_cost_aware_chains_are_lossless_and_decode_alone_when_drafts_do_not_pay():
-    """Bad drafts (scrambled weights) from token ids: the policy drops to draft length 0 (the
-    verifier alone), re-probes drafting every few tokens, and the output stays generate()'s."""
+    """Bad drafts (scrambled weights) from token ids: a cost-aware chain starts with the verifier alone,
+    probes drafting for a short window, measures that it loses and goes back to the verifier alone
+    (probing again later, less often); the output stays generate()'s throughout."""
     model = scrambled("llama")
     members = early_exit_members(model, [3, 4])
     for seed in (0, 1):
@@ -340,15 +341,38 @@ def test_cost_aware_chains_are_lossless_and_decode_alone_when_drafts_do_not_pay(
         chain = local_chain([members[0], members[2]], reuse=False, draft_len=3, eos_token_ids=[], cost_aware=True, probe_every=4)
         assert chain.generate(ids, 40).tokens == expected
         log = chain.policy_log
-        assert 0 in log and 2 in log[log.index(0):]  # went solo, then probed again
+        assert log[0] == 3 and 0 in log and chain.preferred_mode == 0  # probed drafting, measured it losing, went back
+        assert chain.probe_gap > 1  # and probes less often since
+        stats = chain.stats()
+        assert stats["preferred"] == "last tier alone" and all(v > 0 for v in stats["measured_tokens_per_s"].values())
         for reuse, tiers in [(True, [members[0], members[2]]), (True, members), (False, members)]:
             other = local_chain(tiers, reuse=reuse, draft_len=2, eos_token_ids=[], cost_aware=True, probe_every=3,
                                 blocks=[1, 3][: len(tiers) - 1])
             assert other.generate(ids, 40).tokens == expected, (reuse, len(tiers))
             assert other.slots[-1].tier.entry == 0  # the last tier reads token ids: it can decode alone
-            assert 0 in other.policy_log  # and it did: these drafts do not pay
+            assert 2 in other.policy_log and other.preferred_mode == 0  # and it does: these drafts do not pay
     with pytest.raises(AiflowError, match="cost_aware"):
         local_chain(members[:2], cost_aware=True, pipelined=True)
+
+
+def test_cost_aware_chains_switch_to_drafting_when_it_pays():
+    """A cheap draft that is always right (layers after the first pass the residual stream through:
+    their output projections are zero, so exit 1 predicts exactly the full model's tokens) and a
+    verifier of many layers: the measured probe wins, the chain keeps drafting across generate()
+    calls, and the output is generate()'s."""
+    model = tiny_model("llama", num_layers=12, vocab_size=512, seed=3)
+    with torch.no_grad():
+        for layer in model.model.layers[1:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    device, full = early_exit_members(model, [1])
+    ids = torch.randint(3, 500, (1, 7), generator=torch.Generator().manual_seed(0))
+    expected = reference(model, ids, 48)
+    chain = local_chain([device, full], reuse=False, draft_len=4, max_draft=8, eos_token_ids=[], cost_aware=True, probe_every=8)
+    assert chain.generate(ids, 48).tokens == expected
+    assert chain.preferred_mode == 1 and chain.stats()["preferred"] == "drafting"
+    second = chain.generate(ids, 48)  # a second call starts drafting at once (probing the verifier alone now and then)
+    assert second.tokens == expected and second.stats["tiers"][1]["accepted"] >= 24 and chain.preferred_mode == 1
 
 
 def test_confidence_gated_three_tier_chains_never_stall():

@@ -138,16 +138,17 @@ class Chain:
             raise AiflowError(f"probe_every must be ≥ 1 token (got {probe_every}).")
         self.draft_len, self.adaptive, self.min_draft, self.max_draft = draft_len, adaptive, min_draft, max_draft
         self.initial_draft_len = draft_len
-        self.mode_rates: list[list[float]] = [[0.0, 0.0], [0.0, 0.0]]  # 3-tier cost-aware: (tokens, s) solo / drafting
+        # Cost-aware chains (_mode_policy): measured speed of the last tier alone (mode 0) and of drafting
+        # (mode 1) as decayed (tokens, seconds); the preferred mode, windows since the last probe, the gap.
+        # All of it outlives generate() calls: the costs are this machine's, not one prompt's.
+        self.mode_rates: list[list[float]] = [[0.0, 0.0], [0.0, 0.0]]
         self.window_tokens = self.windows = 0
-        self.preferred_mode, self.probe_gap = 0, 1  # 3-tier: start with the cloud alone
-        self.solo_gap, self._probing = 1, False  # 2-tier: probe drafting every solo_gap · probe_every tokens
-        # Cost-aware drafting (acceptance.best_draft_len): a running acceptance estimate from
-        # exponentially decayed counts of accepted / rejected draft tokens, and solo decoding
-        # (draft length 0) that re-probes drafting every ``probe_every`` tokens.
+        self.window_s, self.window_mode = 0.0, 0
+        self.preferred_mode, self.probe_gap = 0, 1  # start with the last tier alone: it never loses
+        # While drafting, the draft length (acceptance.best_draft_len) from a running acceptance estimate
+        # (exponentially decayed counts of accepted / rejected draft tokens) and this run's costs.
         self.cost_aware, self.probe_every = cost_aware, probe_every
         self.acceptance_counts = [0.0, 0.0]  # decayed (accepted, rejected) draft tokens
-        self.solo_tokens = 0
         self.policy_log: list[int] = []  # draft length chosen after each verification
         self.temperature = temperature
         self.eos = set(eos_token_ids or [])
@@ -200,9 +201,9 @@ class Chain:
                 else:
                     raise AssertionError("speculative chain made no progress")  # a bug, never a user error
                 final = self.slots[-1].approved
-                if self.cost_aware and len(self.slots) == 3 and final != last_final:
+                if self._measured_modes() and final != last_final:
                     now = time.perf_counter()
-                    self._three_tier_policy(max(0, final - last_final), now - last_time)
+                    self._mode_policy(max(0, final - last_final), now - last_time)
                     last_final, last_time, gamma = final, now, self.draft_len
                 if on_tokens and final > emitted:
                     on_tokens(self.seq[emitted:final])
@@ -432,8 +433,8 @@ class Chain:
         if len(self.slots) < 2:
             return gamma  # every verifier was dropped (_drop): the device goes on alone, nothing to choose
         if self.cost_aware and job.g == 1:
-            if len(self.slots) == 3 and gamma == 0:
-                return 0  # 3 tiers: solo vs drafting is the measured policy's call (_three_tier_policy)
+            if gamma == 0:
+                return 0  # the last tier alone: when to draft again is the measured policy's call (_mode_policy)
             return self._cost_aware(gamma)
         if not self.adaptive or job.g != 1 or len(self.slots) < 2:
             return gamma
@@ -453,61 +454,58 @@ class Chain:
         return (accepted + 1.0) / (accepted + rejected + 2.0)
 
     def _cost_aware(self, gamma: int) -> int:
-        """Cost-aware draft length after a verification by tier 1 (acceptance.best_draft_len).
+        """The draft length after a verification by tier 1 while drafting (acceptance.best_draft_len).
 
         Costs are this run's medians: the device's time per drafted token and tier 1's forwards by
-        length (a line fitted over lengths). A verifier resuming from the device's hidden states
-        checks k positions and has no bonus token, and cannot run without the device (k ≥ 1 there:
-        k = 1 *is* its solo decoding); one reading token ids decodes alone at k = 0.
+        length (a line fitted over lengths). From token ids a round of k drafts runs k + 1 positions
+        (the pending bonus/correction token first) and yields a bonus token; resuming from the device's
+        hidden states it runs k and has none. k ≥ 1 here: whether to draft at all is decided by
+        measured speed, not by this model (_mode_policy).
         """
         device, slot = self.slots[0], self.slots[1]
         if slot.last_drafted:
             rejected = float(slot.last_accepted < slot.last_drafted)
             a, r = self.acceptance_counts
             self.acceptance_counts = [0.9 * a + slot.last_accepted, 0.9 * r + rejected]
-        lowest = 1 if slot.via_hidden or len(self.slots) == 3 else 0
-        if gamma == 0:  # solo: re-probe drafting now and then (less often after each probe that lost)
-            self.solo_tokens += 1
-            if self.solo_tokens < self.probe_every * self.solo_gap:
-                return 0
-            self.solo_tokens, self._probing = 0, True
-            self.draft_len = max(2, self.min_draft)
-            self.policy_log.append(self.draft_len)
-            return self.draft_len
         drafts = [t for t, n in zip(device.job_s, device.job_len) if n == 1]
         if len(drafts) < 2 or len(slot.job_s) < 2:
             return gamma  # not measured yet
         draft_s = sorted(drafts)[len(drafts) // 2]
-        # forwards by their length n; from token ids a round of k drafts runs k + 1 positions (the
-        # pending bonus/correction token first), from the device's hidden states k
         fit = verify_costs(list(zip(slot.job_len, slot.job_s)), self.max_draft + 1)
         bonus = not slot.via_hidden
         verify_s = [0.0] + fit[2:] if bonus else fit[: self.max_draft + 1]
-        k, _ = best_draft_len(self.acceptance_estimate(), draft_s, verify_s, fit[1], bonus=bonus, lowest=lowest)
-        if self._probing:
-            self.solo_gap = min(16, 2 * self.solo_gap) if k == 0 else 1
-            self._probing = False
+        k, _ = best_draft_len(self.acceptance_estimate(), draft_s, verify_s, fit[1], bonus=bonus, lowest=max(1, self.min_draft))
         self.draft_len = k
         self.policy_log.append(k)
         return k
 
-    def _three_tier_policy(self, gained: int, elapsed: float) -> None:
-        """Cost-aware 3-tier chains: drafting through edge and cloud, or the cloud alone, by measured speed.
+    def _measured_modes(self) -> bool:
+        """Cost-aware chains whose last tier can decode alone (it reads token ids) choose between the
+        last tier alone and drafting by measured speed (_mode_policy)."""
+        return self.cost_aware and len(self.slots) > 1 and not self.slots[-1].via_hidden
+
+    def _mode_policy(self, gained: int, elapsed: float) -> None:
+        """Cost-aware chains: drafting, or the last tier alone, by measured speed ("defaults never lose").
 
         Finalised tokens and wall time are credited to the current mode. The chain runs the mode it
-        believes faster (at first: the cloud alone, which never loses) for windows of ``probe_every``
-        tokens and, every ``gap`` windows, tries the other one for half a window; a probe that loses
-        doubles the gap (up to 32 windows), one that wins makes its mode the preferred one. So a
-        chain whose drafting does not pay spends a vanishing share of its tokens finding that out.
+        believes faster (at first: the last tier alone, which never loses) for windows of
+        ``probe_every`` tokens and, every ``gap`` windows, tries the other one for a quarter window; a
+        probe that loses doubles the gap (up to 32 windows), one that wins makes its mode the preferred
+        one. So a chain whose drafting does not pay spends a vanishing share of its tokens finding that
+        out, and one whose drafting pays switches to it after one probe. The state outlives generate()
+        calls (a server or a benchmark pays for the probes once, not per request).
         """
         mode = 0 if self.draft_len == 0 else 1
-        tokens, seconds = self.mode_rates[mode]
-        self.mode_rates[mode] = [0.5 * tokens + gained, 0.5 * seconds + elapsed]
+        if mode != self.window_mode:  # the mode changed (a probe began or ended): a fresh window
+            self.window_mode, self.window_tokens, self.window_s = mode, 0, 0.0
         self.window_tokens += gained
+        self.window_s += elapsed
         probing = mode != self.preferred_mode
-        if self.window_tokens < (max(4, self.probe_every // 2) if probing else self.probe_every):
+        if self.window_tokens < (max(4, self.probe_every // 4) if probing else self.probe_every):
             return
-        self.window_tokens = 0
+        tokens, seconds = self.mode_rates[mode]  # a finished window; older ones count half as much
+        self.mode_rates[mode] = [0.5 * tokens + self.window_tokens, 0.5 * seconds + self.window_s]
+        self.window_tokens, self.window_s = 0, 0.0
         speeds = self._mode_speeds()
         if probing:
             if speeds[mode] is not None and speeds[1 - mode] is not None and speeds[mode] > speeds[1 - mode]:
@@ -553,11 +551,10 @@ class Chain:
             slot.busy_s = 0.0
             if slot.link is not None:
                 slot.link.reset_stats()
-        self.acceptance_counts, self.solo_tokens, self.policy_log = [0.0, 0.0], 0, []
+        self.acceptance_counts, self.policy_log = [0.0, 0.0], []
         self.stalls = 0
         self._inexact, self._feeding = set(), False
-        self.window_tokens = 0
-        if self.cost_aware and len(self.slots) == 3:
+        if self._measured_modes():
             # what earlier calls learnt carries over (the costs are the machine's, not the prompt's)
             self.draft_len = 0 if self.preferred_mode == 0 else max(self.min_draft, self.initial_draft_len)
 
@@ -590,4 +587,8 @@ class Chain:
                 "tokens_per_s": round(new_tokens / seconds, 2) if seconds > 0 else 0.0,
                 "tiers": tiers, "warnings": list(self.warnings), "stalls_resolved": self.stalls,
                 **({"draft_lens_chosen": {str(k): self.policy_log.count(k) for k in sorted(set(self.policy_log))},
-                    "acceptance_estimate": round(self.acceptance_estimate(), 3)} if self.cost_aware else {})}
+                    "acceptance_estimate": round(self.acceptance_estimate(), 3),
+                    "preferred": "drafting" if self.preferred_mode else "last tier alone",
+                    "measured_tokens_per_s": dict(zip(("last tier alone", "drafting"),
+                                                      [None if v is None else round(v, 2) for v in self._mode_speeds()]))}
+                 if self.cost_aware else {})}
