@@ -145,6 +145,7 @@ class Chain:
         self.window_tokens = self.windows = 0
         self.window_s, self.window_mode = 0.0, 0
         self.preferred_mode, self.probe_gap = 0, 1  # start with the last tier alone: it never loses
+        self.mode = 0  # the mode running now (a probe of the other one goes on into the next generate())
         # While drafting, the draft length (acceptance.best_draft_len) from a running acceptance estimate
         # (exponentially decayed counts of accepted / rejected draft tokens) and this run's costs.
         self.cost_aware, self.probe_every = cost_aware, probe_every
@@ -518,6 +519,7 @@ class Chain:
             nxt = mode
             if self.windows >= self.probe_gap:
                 self.windows, nxt = 0, 1 - mode
+        self.mode = nxt
         self.draft_len = 0 if nxt == 0 else max(self.min_draft, self.initial_draft_len)
         self.policy_log.append(self.draft_len)
 
@@ -556,7 +558,7 @@ class Chain:
         self._inexact, self._feeding = set(), False
         if self._measured_modes():
             # what earlier calls learnt carries over (the costs are the machine's, not the prompt's)
-            self.draft_len = 0 if self.preferred_mode == 0 else max(self.min_draft, self.initial_draft_len)
+            self.draft_len = 0 if self.mode == 0 else max(self.min_draft, self.initial_draft_len)
 
     def _finished(self, prompt_len: int, max_new_tokens: int) -> bool:
         final = self.seq[prompt_len:self.slots[-1].approved]
