@@ -319,10 +319,19 @@ def build_head(backbone, tokenizer, quick: bool) -> tuple[Any, dict[str, Any]]:
     and its teacher-forced agreement on the held-out benchmark prompts' answers."""
     from aiflow_fl.family.feature_draft import DraftHeadRecipe, draft_head_for, head_agreement, teacher_features
     from aiflow_fl.family.instructions import self_answers
+    from aiflow_fl.serving.draft_head import find_draft_head, load_draft_head
 
     plan = DRAFT_HEAD["quick" if quick else "full"]
     recipe = DraftHeadRecipe(epochs=plan["epochs"])
-    head, info = draft_head_for(backbone, tokenizer, recipe, plan["instructions"], plan["max_new_tokens"], show_progress=True)
+    cached = find_draft_head(backbone) if quick else None
+    if cached is not None:  # --quick measures the head the default serves (serving.draft_head=auto) when one is cached
+        from safetensors import safe_open
+
+        with safe_open(str(cached), framework="pt") as handle:
+            info = {**json.loads(handle.metadata()["info"]), "cached": cached.name}
+        head = load_draft_head(cached, backbone)
+    else:
+        head, info = draft_head_for(backbone, tokenizer, recipe, plan["instructions"], plan["max_new_tokens"], show_progress=True)
     threads = _threads(1)
     try:
         held = self_answers(backbone, tokenizer, PROMPTS, 64, batch_size=len(PROMPTS), show_progress=False)

@@ -86,3 +86,24 @@ def test_head_files_round_trip_and_mismatches_are_named(tmp_path):
     other = tiny_model("llama", hidden_size=48)
     with pytest.raises(AiflowError, match="hidden_size"):
         head_chain(head, early_exit_member(other, "full"))
+
+
+def test_auto_picks_the_head_trained_on_most_tokens_for_these_weights(tmp_path, monkeypatch):
+    """serving.draft_head=auto: among cached heads for the verifier's weights, the one trained on the most
+    answer tokens, even when a shorter (--quick) training is newer; heads for other weights never."""
+    import os
+
+    from aiflow_fl.family.instructions import model_fingerprint
+    from aiflow_fl.serving.draft_head import find_draft_head, resolve_draft_head
+
+    monkeypatch.setenv("AIFLOW_CACHE", str(tmp_path))
+    model = tiny_model("llama", num_layers=4)
+    folder = tmp_path / "draft-head"
+    assert find_draft_head(model) is None and resolve_draft_head("auto", model) is None
+    fingerprint = model_fingerprint(model)
+    save_draft_head(DraftHead(model, torch.arange(100)), folder / "head-full.safetensors", fingerprint, {"answer_tokens": 48000})
+    save_draft_head(DraftHead(model, torch.arange(50)), folder / "head-quick.safetensors", fingerprint, {"answer_tokens": 384})
+    save_draft_head(DraftHead(model, torch.arange(10)), folder / "head-other.safetensors", "another-model", {"answer_tokens": 10**6})
+    os.utime(folder / "head-full.safetensors", (1, 1))  # the full one is the oldest
+    assert find_draft_head(model) == folder / "head-full.safetensors"
+    assert resolve_draft_head("auto", model).vocab.numel() == 100

@@ -146,6 +146,7 @@ class Chain:
         self.window_s, self.window_mode = 0.0, 0
         self.preferred_mode, self.probe_gap = 0, 1  # start with the last tier alone: it never loses
         self.mode = 0  # the mode running now (a probe of the other one goes on into the next generate())
+        self.predicted: tuple[float, float] | None = None  # 2 tiers: modelled tokens/s drafting, alone (_cost_aware)
         # While drafting, the draft length (acceptance.best_draft_len) from a running acceptance estimate
         # (exponentially decayed counts of accepted / rejected draft tokens) and this run's costs.
         self.cost_aware, self.probe_every = cost_aware, probe_every
@@ -204,7 +205,8 @@ class Chain:
                 final = self.slots[-1].approved
                 if self._measured_modes() and final != last_final:
                     now = time.perf_counter()
-                    self._mode_policy(max(0, final - last_final), now - last_time)
+                    if last_final > prompt_len:  # the first token carries the prompt's forward: no mode's speed
+                        self._mode_policy(max(0, final - last_final), now - last_time)
                     last_final, last_time, gamma = final, now, self.draft_len
                 if on_tokens and final > emitted:
                     on_tokens(self.seq[emitted:final])
@@ -475,7 +477,8 @@ class Chain:
         fit = verify_costs(list(zip(slot.job_len, slot.job_s)), self.max_draft + 1)
         bonus = not slot.via_hidden
         verify_s = [0.0] + fit[2:] if bonus else fit[: self.max_draft + 1]
-        k, _ = best_draft_len(self.acceptance_estimate(), draft_s, verify_s, fit[1], bonus=bonus, lowest=max(1, self.min_draft))
+        k, speed = best_draft_len(self.acceptance_estimate(), draft_s, verify_s, fit[1], bonus=bonus, lowest=max(1, self.min_draft))
+        self.predicted = (speed, 1.0 / fit[1])  # drafting vs the verifier alone, from medians (robust to load spikes)
         self.draft_len = k
         self.policy_log.append(k)
         return k
@@ -509,7 +512,12 @@ class Chain:
         self.window_tokens, self.window_s = 0, 0.0
         speeds = self._mode_speeds()
         if probing:
-            if speeds[mode] is not None and speeds[1 - mode] is not None and speeds[mode] > speeds[1 - mode]:
+            faster = speeds[mode] is not None and speeds[1 - mode] is not None and speeds[mode] > speeds[1 - mode]
+            if mode == 1 and len(self.slots) == 2:
+                # drafting must also win in the cost model of this probe's forwards (medians): a window's
+                # wall time on a loaded machine swings more than the gap between the modes
+                faster = faster and self.predicted is not None and self.predicted[0] > self.predicted[1]
+            if faster:
                 self.preferred_mode, self.probe_gap = mode, 1
             else:
                 self.probe_gap = min(32, 2 * self.probe_gap)
@@ -556,6 +564,7 @@ class Chain:
         self.acceptance_counts, self.policy_log = [0.0, 0.0], []
         self.stalls = 0
         self._inexact, self._feeding = set(), False
+        self.predicted = None
         if self._measured_modes():
             # what earlier calls learnt carries over (the costs are the machine's, not the prompt's)
             self.draft_len = 0 if self.mode == 0 else max(self.min_draft, self.initial_draft_len)

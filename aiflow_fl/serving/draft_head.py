@@ -205,7 +205,8 @@ class DraftHeadTier:
 
 
 def find_draft_head(verifier: PreTrainedModel) -> Path | None:
-    """The newest head in ``$AIFLOW_CACHE/draft-head`` trained for exactly these verifier weights."""
+    """The head in ``$AIFLOW_CACHE/draft-head`` trained for exactly these verifier weights on the most
+    answer tokens (the newest among equals): a short ``--quick`` training never replaces a full one."""
     from safetensors import safe_open
 
     from aiflow_fl.family.instructions import model_fingerprint
@@ -220,8 +221,12 @@ def find_draft_head(verifier: PreTrainedModel) -> Path | None:
         except Exception:  # a broken cache file is not this verifier's head; load_draft_head names it if chosen
             continue
         if meta.get("format") == FORMAT and meta.get("fingerprint") == fingerprint:
-            found.append(path)
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+            try:
+                tokens = int(json.loads(meta.get("info") or "{}").get("answer_tokens", 0))
+            except (ValueError, TypeError, AttributeError):
+                tokens = 0
+            found.append((tokens, path.stat().st_mtime, path))
+    return max(found)[2] if found else None
 
 
 def resolve_draft_head(setting: str, verifier: PreTrainedModel) -> DraftHead | None:
