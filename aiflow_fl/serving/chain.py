@@ -434,7 +434,7 @@ class Chain:
         the verifier's forward time (median verify time / median device time per token).
         """
         if len(self.slots) < 2:
-            return gamma  # every verifier was dropped (_drop): the device goes on alone, nothing to choose
+            return self.draft_len  # every verifier was dropped (_drop): the device drafts on alone
         if self.cost_aware and job.g == 1:
             if gamma == 0:
                 return 0  # the last tier alone: when to draft again is the measured policy's call (_mode_policy)
@@ -493,7 +493,8 @@ class Chain:
 
         Finalised tokens and wall time are credited to the current mode. The chain runs the mode it
         believes faster (at first: the last tier alone, which never loses) for windows of
-        ``probe_every`` tokens and, every ``gap`` windows, tries the other one for a quarter window; a
+        ``probe_every`` tokens and, every ``gap`` windows, tries the other one for a quarter window (3 tiers: half,
+        and drafting must win by 10 %; 2 tiers: also in the cost model of the probe's forwards); a
         probe that loses doubles the gap (up to 32 windows), one that wins makes its mode the preferred
         one. So a chain whose drafting does not pay spends a vanishing share of its tokens finding that
         out, and one whose drafting pays switches to it after one probe. The state outlives generate()
@@ -505,7 +506,9 @@ class Chain:
         self.window_tokens += gained
         self.window_s += elapsed
         probing = mode != self.preferred_mode
-        if self.window_tokens < (max(4, self.probe_every // 4) if probing else self.probe_every):
+        # a probe: a quarter window (2 tiers), half a window (3 tiers: the cloud finalises tokens in blocks)
+        probe_len = max(4, self.probe_every // (4 if len(self.slots) == 2 else 2))
+        if self.window_tokens < (probe_len if probing else self.probe_every):
             return
         tokens, seconds = self.mode_rates[mode]  # a finished window; older ones count half as much
         self.mode_rates[mode] = [0.5 * tokens + self.window_tokens, 0.5 * seconds + self.window_s]
@@ -517,6 +520,8 @@ class Chain:
                 # drafting must also win in the cost model of this probe's forwards (medians): a window's
                 # wall time on a loaded machine swings more than the gap between the modes
                 faster = faster and self.predicted is not None and self.predicted[0] > self.predicted[1]
+            elif mode == 1:  # 3 tiers (no cost model of two verifiers): by a clear margin
+                faster = faster and speeds[1] > 1.1 * speeds[0]
             if faster:
                 self.preferred_mode, self.probe_gap = mode, 1
             else:
@@ -542,6 +547,8 @@ class Chain:
         warnings.warn(message, stacklevel=2)
         self.warnings.append(message)
         del self.slots[g:]
+        if self.draft_len == 0 and not self._measured_modes():  # nobody left to decode alone: the device drafts
+            self.draft_len = max(self.min_draft, self.initial_draft_len)
 
     # ---------------------------------------------------------------- helpers
     def _reset(self, prompt: list[int]) -> None:
