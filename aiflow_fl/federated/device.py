@@ -84,6 +84,8 @@ class DeviceState:
     rounds_trained: int = 0
     optimizer: dict[str, np.ndarray] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # for plug-ins (privacy accountant, replay buffer)
+    base: dict[str, Any] = field(default_factory=dict)  # the cloud's cumulative base this device holds (LoraFactors)
+    base_version: int = -1  # its version (protocol: the server sends changes from it)
 
 
 _DATA: dict[tuple, DeviceData] = {}
