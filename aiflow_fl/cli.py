@@ -162,6 +162,17 @@ def serve(
 
 
 @app.command()
+def collaborate(
+    query: Annotated[str, typer.Argument(help="The question the specialists answer together.")],
+    overrides: Overrides = None,
+) -> None:
+    """Device-server collaboration on a run's specialists (collab.run=RUN_DIR): route, fan out, synthesize, revise."""
+    from aiflow_fl.collab.cli import collaborate_command
+
+    collaborate_command(query, list(overrides or []))
+
+
+@app.command()
 def demo(overrides: Overrides = None) -> None:
     """The main job on the embedded default: build a family, fine-tune it federatedly, serve it (~10 min)."""
     from aiflow_fl.demo import run_demo

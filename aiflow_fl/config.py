@@ -38,6 +38,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "continual.replay": ("none", "reservoir", "stage"),
     "federation.downlink": ("exact", "lean"),
     "federation.attack": ("scale", "signflip"),
+    "collab.synthesis": ("prompt", "fusion"),
 }
 
 
@@ -143,7 +144,7 @@ class FederationConfig:
 
 @dataclass
 class HierarchyConfig:
-    enabled: bool = False  # edge aggregators between devices and the cloud (server/edge.py)
+    enabled: bool = False  # edge aggregators between devices and the cloud (strategies/edge.py)
     edge_rounds: int = 1  # HierFAVG kappa2: edge aggregations per cloud round
     edge_rank: int = 16  # rank of the factors an edge sends to the cloud; 0: exact (no truncation)
     trim_fraction: float = 0.2  # strategy=trimmed_mean: share of values cut at each end per coordinate
@@ -219,6 +220,27 @@ class ServingConfig:
 
 
 @dataclass
+class CollabConfig:
+    """Device-server collaboration (aiflow_fl/collab/, paper §IV-A)."""
+
+    # A hierarchical run saves one specialist per edge (cloud base + the edge's merged adapter) and the
+    # general member under RUN_DIR/specialists/.
+    save_specialists: bool = False
+    descriptions: list[str] = field(default_factory=list)  # edge i's description; missing/empty: derived from its data
+    run: str = ""  # `aiflow collaborate`: the run folder whose specialists answer
+    top_k: int = 2  # specialists selected per query
+    threshold: float = 0.5  # cosine similarity a route needs (semantic-router's default for all-MiniLM-L6-v2)
+    temperature: float = 0.05  # fusion weights = softmax(router score / temperature)
+    top_m: int = 5  # a route's score = mean of its top-m utterance similarities
+    rounds: int = 1  # broadcast + revise rounds (0: none)
+    synthesis: str = "prompt"  # prompt (Mixture-of-Agents aggregator) | fusion (token-level, router-weighted)
+    timeout_s: float = 120.0  # a specialist silent this long in a step is dropped (with a warning)
+    max_new_tokens: int = 96
+    max_query_chars: int = 4000
+    processes: bool = False  # each specialist in its own worker process (else threads in this process)
+
+
+@dataclass
 class RunConfig:
     dir: str = ""  # empty: runs/<timestamp>
     seed: int = 0
@@ -238,6 +260,7 @@ class AiflowConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
+    collab: CollabConfig = field(default_factory=CollabConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 

@@ -39,23 +39,15 @@ PROMPTS = (
 
 
 def _trained_members(cfg: AiflowConfig, names: list[str], merged: AdapterUpdate | None):
-    """Serving members of the family with the federation's update folded into their weights."""
-    from aiflow_fl.federated.lora import fold_base
-    from aiflow_fl.federated.member import load_member
-    from aiflow_fl.serving.members import Member
+    """Members ``names`` of the family with the federation's update folded into their weights."""
+    from aiflow_fl.family.member import member_from_config
 
-    specs = {m["name"]: m for m in _describe(cfg)["members"]}
-    members = []
-    for name in names:
-        trained = load_member(cfg, name)
+    members = [member_from_config(cfg, name) for name in names]
+    for member in members:
         if merged is not None:
-            fold_base(trained.model, trained, merged)
-        spec = specs[name]
-        if spec["kind"] == "eesb":
-            members.append(Member(name, trained.model.eval(), spec["exit"], branch=True, shared_layers=spec["exit"]))
-        else:
-            members.append(Member(name, trained.model.eval(), trained.num_layers))
-    return members, trained.tokenizer
+            member.fold(merged)
+        member.model.eval()
+    return members, members[-1].tokenizer
 
 
 def _describe(cfg: AiflowConfig) -> dict[str, Any]:

@@ -52,7 +52,7 @@ def run_layers(
         config=decoder.config,
         inputs_embeds=hidden,
         attention_mask=attention_mask,
-        past_key_values=cache,
+        cache=cache,
         position_ids=position_ids,
         layer_idx=layer_list[start].self_attn.layer_idx if cache is not None and stop > start else None,
     )
@@ -63,7 +63,7 @@ def run_layers(
             attention_mask=mask,
             position_embeddings=rope,
             position_ids=position_ids,
-            past_key_values=cache,
+            cache=cache,
             use_cache=cache is not None,
         )
     return hidden

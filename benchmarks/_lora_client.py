@@ -125,12 +125,15 @@ def heldout_data(num_sequences: int = 128) -> torch.Tensor:
     return chains(num_sequences, seed=999_000)
 
 
-def fold_base(model: torch.nn.Module, base: dict) -> None:
-    """W0 += s·B@A for each module of the base (keys are the backbone's module paths)."""
-    with torch.no_grad():
-        for key, f in base.items():
-            weight = model.get_submodule(key).weight
-            weight += f.delta().to(weight.dtype)
+def fold_base(model: torch.nn.Module, base: dict) -> torch.nn.Module:
+    """W0 + s·B@A for each module of the base (keys are the backbone's module paths), folded by the
+    family Member's one fold (the tiny Llama is a ``full`` member of itself); returns the model."""
+    from aiflow_fl.aggregation.update import AdapterUpdate
+    from aiflow_fl.family.member import early_exit_member
+
+    member = early_exit_member(model, "full")
+    member.fold(AdapterUpdate(dict(base), 0))
+    return member.model
 
 
 def lora_model(spec: DeviceSpec, base: dict, lora: dict, freeze_a: bool, seed: int) -> torch.nn.Module:

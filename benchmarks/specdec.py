@@ -53,7 +53,7 @@ from aiflow_fl.generation import chat_input_ids
 from aiflow_fl.models import load_backbone
 from aiflow_fl.serving.build import eos_ids, local_chain
 from aiflow_fl.serving.link import Link
-from aiflow_fl.serving.members import Member
+from aiflow_fl.family.member import Member, early_exit_member, load_family_member
 
 PROMPTS = [
     "Write a short paragraph about why sleep is important.",
@@ -98,7 +98,8 @@ def build_members(backbone, tokenizer, exits: list[int], quick: bool) -> tuple[l
     """device and edge EESB members of an in-memory family, self-distilled (or loaded from the cache
     of an earlier run with the same recipe), and the full backbone; plus the drafts' greedy agreement
     with the backbone on its own answers to the held-out benchmark prompts, before and after."""
-    from aiflow_fl.family.family import calibration_batches, family_from_backbone
+    from aiflow_fl.family.batches import calibration_batches
+    from aiflow_fl.family.family import family_from_backbone
     from aiflow_fl.family.instructions import instructions, model_fingerprint, self_answers, self_batches
     from aiflow_fl.family.train import family_drafts, greedy_agreement, train_branches
     from aiflow_fl.files import atomic_torch_save
@@ -131,7 +132,7 @@ def build_members(backbone, tokenizer, exits: list[int], quick: bool) -> tuple[l
     finally:
         torch.set_num_threads(threads)
     names = sorted((n for n, s in family.members.items() if s.kind == "eesb"), key=lambda n: family.members[n].exit)
-    members = [Member(n, family.build(n, share=True).eval(), family.members[n].exit, branch=True) for n in names]
+    members = [load_family_member(family, n) for n in names]
     layers = backbone.config.num_hidden_layers
     note = ", ".join(f"{m.name}: exit {m.exit_layer} + branch (ratio {BRANCH_RATIO})" for m in members) + f", full: {layers} layers"
     agreement = {
@@ -141,7 +142,7 @@ def build_members(backbone, tokenizer, exits: list[int], quick: bool) -> tuple[l
         "after": {k: round(v, 3) for k, v in after.items()},
         "device": names[0],
     }
-    return members + [Member("full", backbone, layers)], note, agreement
+    return members + [early_exit_member(backbone, "full", tokenizer)], note, agreement
 
 
 def hf_runner(model, eos: list[int], assistant=None, draft_tokens: int | None = None) -> Callable:
@@ -189,7 +190,7 @@ def own_runner(full: Member, eos: list[int]) -> Callable:
     LocalTier forwards the chains use): the baseline that isolates the speculative gain from the
     difference between our decoding loop and transformers' generate()."""
     from aiflow_fl.serving.chain import Chain
-    from aiflow_fl.serving.members import LocalTier
+    from aiflow_fl.serving.tiers import LocalTier
 
     chain = Chain([LocalTier(full, 0)], eos_token_ids=eos, draft_len=1)
 
@@ -203,7 +204,7 @@ def remote_runner(device: Member, eos: list[int], url: str) -> Callable:
     """device here (core 0) -> the full model in its own `aiflow serve` process (core 1), pipelined,
     with familial reuse: hidden states at the device's exit cross the loopback link."""
     from aiflow_fl.serving.chain import Chain
-    from aiflow_fl.serving.members import LocalTier, draft_vocabulary
+    from aiflow_fl.serving.tiers import LocalTier, draft_vocabulary
     from aiflow_fl.serving.server import RemoteTier
 
     vocab = draft_vocabulary(device.model.config.vocab_size, DRAFT_VOCAB, eos)
@@ -343,7 +344,7 @@ def measure_costs(device: Member, full: Member, eos: list[int], ids: torch.Tenso
     drafting one token (its layers, branch and reduced head), the full model decoding one token
     (our layers path), and the full model verifying k device positions from the device's hidden
     states (familial reuse: layers [exit, L) + full head), k = 1..max_k."""
-    from aiflow_fl.serving.members import LocalTier, draft_vocabulary
+    from aiflow_fl.serving.tiers import LocalTier, draft_vocabulary
 
     vocab = draft_vocabulary(device.model.config.vocab_size, DRAFT_VOCAB, eos)
     drafter, target = LocalTier(device, 0, vocab, draft=True), LocalTier(full, 0)

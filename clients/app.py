@@ -1,5 +1,9 @@
 """The aiflow-fl ClientApp: a device fine-tunes its family member with LoRA on its private data.
 
+The member is the family's one :class:`aiflow_fl.family.member.Member` (``member_from_config``: from
+the family in ``family.dir``, else an early exit of ``model.name``); the server's base is folded into it
+with ``Member.fold`` before LoRA is attached.
+
 Thin Flower layer over :mod:`aiflow_fl.federated.device`: read the device profile from the node
 config, unpack ``base``/``lora``/``config`` (see :mod:`aiflow_fl.protocol`), train or evaluate, reply
 with ``lora``/``metrics``/``profile``. State that must outlive a message (data cursor, optimizer

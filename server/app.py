@@ -116,14 +116,19 @@ def run_server(grid: Grid, cfg: AiflowConfig, progress: Any = None) -> ServerSum
     evaluator = CentralEvaluator(cfg)
     reporter = RoundReporter(cfg, folder.records("continual"))  # ε per device, accuracy per stage
     round_start = [time.perf_counter()]
+    # The cloud's base at the start of the current cloud round: with the edges' merges of the last round
+    # it makes each edge's specialist (collab.save_specialists; aiflow_fl/collab/specialists.py).
+    cloud_base = [dict(strategy.base)]
 
     def evaluate_fn(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """After each Flower round: on cloud-round ends, evaluate, log and checkpoint (atomically)."""
         if flower_round == 0:
+            cloud_base[0] = dict(strategy.base)
             if checkpoint is not None:
                 return None  # evaluated in the interrupted run already
             metrics = evaluator(None)
             folder.log({"round": 0, "kind": "eval", **metrics})
+            folder.save_eval_chunks(0, evaluator.per_chunk)
             round_start[0] = time.perf_counter()
             return MetricRecord(metrics)
         if flower_round % edge_rounds:
@@ -144,6 +149,7 @@ def run_server(grid: Grid, cfg: AiflowConfig, progress: Any = None) -> ServerSum
                     "clients-failed": sum(h["clients-failed"] for h in history) + sum("timed out" in f for f in failures),
                     "failures": failures})
         folder.log({"round": cloud_round, "kind": "eval", **metrics})
+        folder.save_eval_chunks(cloud_round, evaluator.per_chunk)
         device_evals = watched.eval_metrics.get(watched.round_offset + flower_round, [])
         if device_evals:  # the devices' own held-out data: their domains
             folder.log({"round": cloud_round, "kind": "device-eval", **_weighted_eval(device_evals)})
@@ -151,6 +157,12 @@ def run_server(grid: Grid, cfg: AiflowConfig, progress: Any = None) -> ServerSum
             folder.log(record)
         folder.save_checkpoint(cloud_round, strategy.state_tensors(),
                                {"round": cloud_round, "strategy": cfg.strategy, "strategy-state": strategy.state_meta()})
+        if cloud_round == cfg.federation.rounds and cfg.collab.save_specialists and cfg.hierarchy.enabled:
+            from aiflow_fl.collab.specialists import save_run_specialists
+
+            saved = save_run_specialists(folder.path, cfg, strategy, cloud_base[0])
+            log(INFO, "saved the general member and %d edge specialist(s) under %s", len(saved) - 1, saved[0].parent)
+        cloud_base[0] = dict(strategy.base)
         log(INFO, "round %d: held-out loss %.4f, accuracy %.4f (checkpoint saved)", cloud_round,
             metrics["eval-loss"], metrics["eval-accuracy"])
         round_start[0] = time.perf_counter()

@@ -38,7 +38,9 @@ def simulate(cfg: AiflowConfig, show_progress: bool = True, node_overrides: dict
     ``node_overrides[partition_id]``: extra node-config entries for a simulated device.
     """
     from flwr.simulation import run_simulation
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    from aiflow_fl.progress import progress_bar
 
     from clients.app import build_client_app
     from server.app import build_server_app
@@ -51,7 +53,7 @@ def simulate(cfg: AiflowConfig, show_progress: bool = True, node_overrides: dict
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     summaries: list = []
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+    progress = progress_bar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), disable=not show_progress)
     with progress:
         server_app = build_server_app(cfg, progress if show_progress else None, summaries)

@@ -21,8 +21,8 @@ one bind each method to a named class. Everything Flower-specific lives here and
   ``num-examples``, NaN/Inf, factor shapes that do not match the key's known shape), is logged and
   left out; fewer than ``min_clients`` good replies stop the run with an :class:`AiflowError`.
 * **Hierarchy.** With ``hierarchy`` set, devices are grouped by edge and merged at their
-  :class:`server.edge.EdgeAggregator` for ``edge_rounds`` Flower rounds, then the cloud merges the
-  edges (see ``server/edge.py``). :meth:`start` takes ``num_rounds`` in *cloud* rounds.
+  :class:`strategies.edge.EdgeAggregator` for ``edge_rounds`` Flower rounds, then the cloud merges the
+  edges (see ``strategies/edge.py``). :meth:`start` takes ``num_rounds`` in *cloud* rounds.
 * **Communication.** Every message's serialized size is added to its link; each round's metrics
   carry ``bytes/<link>``, ``cloud-bytes`` and ``sim-round-s`` (from the configured links and the
   devices' reported ``train-time-s``); :attr:`history` keeps them for plots and benchmarks.
@@ -53,7 +53,7 @@ from aiflow_fl.aggregation.common import Aggregate, Layers
 from aiflow_fl.aggregation.update import AdapterUpdate, LoraFactors
 from aiflow_fl.errors import AiflowError
 from aiflow_fl.protocol import BASE, CONFIG, EDGE_BASE, LORA, METRICS, NUM_EXAMPLES, PROFILE, arrays_to_update, update_to_arrays
-from server.edge import EdgeAggregator
+from strategies.edge import EdgeAggregator
 
 Method = Callable[[list[AdapterUpdate]], Aggregate]
 
@@ -67,6 +67,7 @@ class NodeProfile:
     rank: int | None = None
     alpha: float | None = None
     keys: set[str] | None = None
+    partition_id: int | None = None  # the device's data partition (from its profile record)
 
     @property
     def scaling(self) -> float:
@@ -252,12 +253,15 @@ class LoraStrategy(Strategy):
             "fold-remainder": bool(view.fold_remainder) if view is not None else False,
             "reinit-lora": bool(view.reinit_lora) if view is not None else False,
         })
-        content = RecordDict({
+        records = {
             BASE: self._record(("base", mode, base_from, self.base_version), change, keys),
             EDGE_BASE: self._record(("edge-base", tier), edge_base, keys),
             LORA: self._record(("lora", tier), view.adapter if view is not None else {}, keys),
-            CONFIG: node_config,
-        })
+        }
+        # an empty record is left out (devices read a missing one as empty): lean messages carry no
+        # record names for nothing
+        content = RecordDict({name: record for name, record in records.items() if len(record) > 0})
+        content[CONFIG] = node_config
         return content, view
 
     def _messages(self, server_round: int, config: ConfigRecord, grid: Grid, fraction: float, kind: str) -> list[Message]:
@@ -359,6 +363,7 @@ class LoraStrategy(Strategy):
                     raise ValueError(f"module '{key}' has a non-finite scaling")
         except (ValueError, KeyError, TypeError) as exc:
             log(WARNING, "%s: node %d sent a malformed reply and is left out: %s", self.name, node_id, exc)
+            self.node_versions.pop(node_id, None)  # which base it holds is unknown now: the whole base next time
             return None
         for key, f in update.layers.items():
             self.shapes[key] = (f.B.shape[0], f.A.shape[1])
@@ -367,6 +372,8 @@ class LoraStrategy(Strategy):
             p = content[PROFILE]
             profile.member = str(p.get("member", profile.member))
             profile.edge_id = str(p.get("edge-id", profile.edge_id))
+            if p.get("partition-id") is not None:
+                profile.partition_id = int(p.get("partition-id"))
             rank, alpha = p.get("lora-rank"), p.get("lora-alpha")
             profile.rank = int(rank) if rank else max(f.rank for f in update.layers.values())
             profile.alpha = float(alpha) if alpha else None

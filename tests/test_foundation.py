@@ -85,6 +85,22 @@ def test_bench_harness_lists_and_rejects_unknown():
         run_benchmark("no-such-bench", quick=True)
 
 
+def test_benchmarks_import_under_a_name_opacus_does_not_take(tmp_path):
+    """opacus installs a top-level ``benchmarks`` package; ours is ``aiflow_benchmarks`` (the folder
+    benchmarks/), importable by name in a fresh interpreter started elsewhere."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    code = "import aiflow_benchmarks.smoke as m, aiflow_fl.bench as b; print(m.__file__); print(b._load('smoke') is m)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(root / "benchmarks" / "smoke.py"), "True"]
+
+
 @pytest.mark.slow
 def test_embedded_default_answers_like_transformers_generate():
     """The cached safetensors model is the GGUF model: same greedy tokens as loading the GGUF directly."""

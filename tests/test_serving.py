@@ -15,7 +15,7 @@ from test_specdec import one_thread, reference, scrambled  # noqa: F401  (one_th
 from aiflow_fl.config import load_config
 from aiflow_fl.errors import AiflowError
 from aiflow_fl.serving.commands import build_chain, check_tiers, parse_remote, start_server, stop_server
-from aiflow_fl.serving.members import early_exit_model
+from aiflow_fl.family.member import early_exit_member
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_remote_chains_equal_generate_of_last_verifier(model_dir, servers):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    edge_model = early_exit_model(model, 4)
+    edge_model = early_exit_member(model, "exit-4").model
     ids = torch.randint(3, 500, (1, 9), generator=torch.Generator().manual_seed(2))
     for reuse in (True, False):
         cfg = config(model_dir, f"serving.reuse={reuse}", "serving.draft_len=3", "serving.cloud_block=4", "serving.exits=[2]")

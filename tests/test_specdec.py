@@ -23,7 +23,7 @@ from aiflow_fl.serving.acceptance import (
 )
 from aiflow_fl.serving.build import local_chain
 from aiflow_fl.serving.link import Link
-from aiflow_fl.serving.members import Member, early_exit_members, early_exit_model
+from aiflow_fl.family.member import early_exit_member, early_exit_members
 
 
 def scrambled(arch: str, layers: int = 6, vocab: int = 512, std: float = 0.08, seed: int = 1, embed_std: float = 0.02):
@@ -238,31 +238,32 @@ def test_sampling_chain_matches_the_verifier_distribution():
         assert 0 < chain.slots[1].accepted < chain.slots[1].drafted  # both branches of the rule ran
 
 
-def test_early_exit_model_shares_weights_and_bad_exits_raise():
+def test_early_exit_member_shares_weights_and_bad_exits_raise():
     model = tiny_model("llama", num_layers=4)
-    small = early_exit_model(model, 2)
+    small = early_exit_member(model, "exit-2").model
     assert small.config.num_hidden_layers == 2 and small.model.layers[1] is model.model.layers[1]
     assert small.lm_head is model.lm_head
     with pytest.raises(AiflowError, match="outside 1..4"):
-        early_exit_model(model, 5)
+        early_exit_member(model, "exit-5")
     with pytest.raises(AiflowError, match="strictly increasing"):
         early_exit_members(model, [3, 2])
     with pytest.raises(AiflowError, match="1 to 3"):
-        local_chain([Member("full", model, 4)] * 4)
+        local_chain([early_exit_member(model, "full")] * 4)
 
 
 def test_family_members_chain_equals_generate_of_the_full_member(tmp_path, tokenizer):
     """Real EESB members from a family folder (branch layers, whitened SVD): device -> edge -> full,
     with and without familial reuse, equals generate() of the full member; default member choice."""
     from aiflow_fl.config import FamilyConfig, load_config
-    from aiflow_fl.family.family import family_from_backbone, load_member
+    from aiflow_fl.family.family import family_from_backbone
+    from aiflow_fl.family.member import load_family_member
     from aiflow_fl.serving.commands import build_chain
 
     model = scrambled("llama", std=0.05)  # 512-id vocabulary; the tokenizer is only stored, never used
     batches = [torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(i)) for i in range(2)]
     family = family_from_backbone(model, tokenizer, FamilyConfig(kind="eesb", exits=[2, 4], ratios=[0.5, 0.5]), batches=batches)
     folder = family.save(tmp_path / "family")
-    full = load_member(folder, "full")[0]
+    full = load_family_member(folder, "full").model
     ids = torch.randint(3, 500, (1, 8), generator=torch.Generator().manual_seed(9))
     for reuse in (True, False):
         cfg = load_config([f"serving.reuse={reuse}", "serving.draft_len=3", "serving.cloud_block=3"])

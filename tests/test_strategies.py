@@ -112,7 +112,7 @@ def device_side(strategy, node_id: int, rank: int, alpha: float = 4.0, held: dic
     content, view = strategy.node_content(node_id, ConfigRecord())
     strategy._sent[node_id] = view  # what configure_train records for the node
     config = content[CONFIG]
-    layers = lambda name: arrays_to_update(content[name]).layers  # noqa: E731
+    layers = lambda name: arrays_to_update(content[name]).layers if name in content else {}  # noqa: E731
     start = device_start(
         held_base=held or {}, held_version=held_version, base=layers(BASE), base_mode=config["base-mode"],
         base_from=int(config["base-from"]), base_version=int(config["base-version"]), edge_base=layers(EDGE_BASE),
@@ -130,7 +130,7 @@ def test_messages_carry_only_the_nodes_keys_and_every_node_starts_from_the_serve
     strategy.aggregate_train(1, [reply(1, factors(1)), reply(2, factors(2, keys=KEYS[:1], rank=4), rank=4)])
     content, start = device_side(strategy, 2, rank=4)
     assert {k.split("::")[0] for k in content[LORA].keys()} == {KEYS[0]}
-    assert {k.split("::")[0] for k in content[BASE].keys()} <= {KEYS[0]}
+    assert {k.split("::")[0] for k in (content[BASE].keys() if BASE in content else [])} <= {KEYS[0]}
     assert all(f.rank == 4 for f in start.lora.values())
     server = lowrank.dense(strategy.merged())
     # a node never heard of gets every key; whatever its rank, it starts from exactly the server's model
@@ -157,7 +157,7 @@ def test_downlink_sends_the_change_of_the_base_not_the_cumulative_base(task_iden
         for n in nodes:
             held, version = nodes[n] or ({}, -1)
             content, start = device_side(strategy, n, rank=2, held=held, held_version=version)
-            sizes[n] = (comm.serialized_bytes(RecordDict({BASE: content[BASE]})), comm.serialized_bytes(content))
+            sizes[n] = (comm.serialized_bytes(RecordDict({BASE: content[BASE]} if BASE in content else {})), comm.serialized_bytes(content))
             assert content[CONFIG]["base-mode"] == ("replace" if rnd == 1 else "add"), rnd
             nodes[n] = (start.held_base, start.base_version)
             trained = {k: LoraFactors(f.A + torch.randn(f.A.shape, generator=gen), f.B + torch.randn(f.B.shape, generator=gen), f.scaling)
@@ -183,6 +183,7 @@ def test_the_global_adapter_keeps_its_rank_and_lean_downlink_is_no_larger_than_u
     dropped, and a node's message is then no larger than its reply."""
     from aiflow_fl import comm
 
+    cumulative_bytes: dict[str, int] = {}
     for downlink in ("exact", "lean"):
         strategy = build_strategy(load_config(["strategy=flexlora", "federation.ranks=[2]", f"federation.downlink={downlink}"]))
         for rnd in (1, 2, 3):
@@ -198,9 +199,14 @@ def test_the_global_adapter_keeps_its_rank_and_lean_downlink_is_no_larger_than_u
                 assert all(torch.allclose(merged[k], reference[k], atol=1e-4) for k in KEYS)
             assert before is not None
         content, _ = device_side(strategy, 1, rank=2)
-        down = comm.serialized_bytes(content)
-        up = comm.serialized_bytes(replies[0].content)
+        # the arrays each way, serialized as Flower sends them (the config and profile records are
+        # a fixed few dozen bytes that do not grow with the model)
+        down = comm.serialized_bytes(RecordDict({name: content[name] for name in (BASE, EDGE_BASE, LORA) if name in content}))
+        up = comm.serialized_bytes(RecordDict({LORA: replies[0].content[LORA]}))
         assert (down <= up) == (downlink == "lean"), (downlink, down, up)
+        cumulative_bytes[downlink] = comm.serialized_bytes(RecordDict({BASE: update_to_arrays(AdapterUpdate(strategy.base, 0))}))
+        if downlink == "lean":  # the whole message of round 4 is smaller than the exact run's cumulative base alone
+            assert comm.serialized_bytes(content) < cumulative_bytes["exact"], (comm.serialized_bytes(content), cumulative_bytes)
         state = strategy.state_tensors()
         assert {k.split("/")[0] for k in state} <= {"base", "adapter"}
         assert all(v.shape[0] == 2 for k, v in state.items() if k.startswith("adapter/") and k.endswith("::A"))
@@ -242,7 +248,8 @@ def test_real_flower_simulation_hierarchical_edge_rounds() -> None:
                 server_model = arrays_to_update(arrays).layers
                 seen["models"][rnd] = {e: server_model for e in strategy.edges}
             else:
-                seen["models"][rnd] = {e: lowrank.add([edge.base(), edge.last.adapter]) for e, edge in strategy.edges.items()}
+                # the cloud's cumulative base (it holds what the global-rank cut left out), the edge's, its adapter
+                seen["models"][rnd] = {e: lowrank.add([dict(strategy.base), edge.base(), edge.last.adapter]) for e, edge in strategy.edges.items()}
             return None
 
         seen["result"] = strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=2, evaluate_fn=evaluate_fn)

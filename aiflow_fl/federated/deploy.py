@@ -242,7 +242,9 @@ def run(deployment: Deployment, cfg: AiflowConfig, timeout_s: float = 1800.0, on
 
 def deploy_command(overrides: list[str], nodes: int = 0, timeout_s: float = 3600.0) -> dict[str, Any]:
     """The body of ``aiflow deploy``: start SuperLink + SuperNodes, run, summarize, stop everything."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    from aiflow_fl.progress import progress_bar
 
     from aiflow_fl.federated.run import RunFolder, config_for, print_summary, resolve_run_dir, summarize
 
@@ -253,7 +255,7 @@ def deploy_command(overrides: list[str], nodes: int = 0, timeout_s: float = 3600
     run_dir = resolve_run_dir(cfg)
     num_nodes = nodes or cfg.federation.num_devices
     folder = RunFolder(run_dir)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+    with progress_bar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("held-out loss {task.fields[loss]}"), TimeElapsedColumn()) as progress:
         task = progress.add_task(f"deploy: {num_nodes} SuperNodes, rounds", total=cfg.federation.rounds, loss="-")
 

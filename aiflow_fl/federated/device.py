@@ -1,5 +1,9 @@
 """What one device does in a round, without Flower: profile, data, member + LoRA, train, evaluate.
 
+The member is the family's :class:`~aiflow_fl.family.member.Member` (:func:`member_from_config
+<aiflow_fl.family.member.member_from_config>`, a cheap copy of a per-process pristine member); the
+server's ``base`` is folded in with ``Member.fold``, updates travel under ``Member.key_of`` keys.
+
 The ClientApp (``clients/app.py``) only converts Flower records to these arguments and back.
 :class:`DeviceState` is everything that must survive between rounds; the ClientApp keeps it in
 ``context.state`` (each Flower message may run in a fresh process).
@@ -26,8 +30,8 @@ from aiflow_fl.federated.local import (
     round_batches,
     train_local,
 )
-from aiflow_fl.federated.lora import attach_lora, extract_update, fold_base, load_update
-from aiflow_fl.federated.member import load_member
+from aiflow_fl.family.member import member_from_config
+from aiflow_fl.federated.lora import attach_lora, extract_update, load_update
 
 
 FAULTS = ("", "raise", "hang", "nan", "shape", "missing")
@@ -109,7 +113,7 @@ def load_device_data(cfg: AiflowConfig, profile: DeviceProfile, tokenizer) -> De
 
 def prepare_member(cfg: AiflowConfig, profile: DeviceProfile, base: AdapterUpdate | None, lora: AdapterUpdate | None):
     """Load the member, fold ``base`` into its frozen weights, attach LoRA and start it from ``lora``."""
-    member = load_member(cfg, profile.member)
+    member = member_from_config(cfg, profile.member)
     if profile.memory_budget_mb > 0:
         weight_mb = sum(p.numel() * p.element_size() for p in member.model.parameters()) / 2**20
         if weight_mb > profile.memory_budget_mb:
@@ -118,7 +122,7 @@ def prepare_member(cfg: AiflowConfig, profile: DeviceProfile, base: AdapterUpdat
                 f"memory budget of {profile.memory_budget_mb:.0f} MB; give the device a smaller member or a larger budget."
             )
     if base is not None:
-        fold_base(member.model, member, base)
+        member.fold(base)
     peft_model = attach_lora(member.model, profile.lora_rank, profile.lora_alpha, cfg.lora.dropout,
                              list(cfg.lora.target_modules), seed=cfg.run.seed)
     if lora is not None and lora.layers:

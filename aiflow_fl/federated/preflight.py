@@ -31,12 +31,12 @@ def check_run_dir(cfg: AiflowConfig) -> None:
 def check_members_and_data(cfg: AiflowConfig) -> None:
     """Load every distinct member of ``federation.members`` and the chunks of ``data.source``."""
     from aiflow_fl.data import load_chunks
-    from aiflow_fl.federated.member import load_member
+    from aiflow_fl.family.member import member_from_config
 
     tokenizer = None
     for name in dict.fromkeys(cfg.federation.members or ["full"]):
         try:
-            member = load_member(cfg, name)
+            member = member_from_config(cfg, name)
         except AiflowError as exc:
             raise AiflowError(f"federation.members names '{name}', which cannot be loaded: {exc}") from None
         tokenizer = member.tokenizer

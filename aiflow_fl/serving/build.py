@@ -1,11 +1,21 @@
-"""Assembling in-process chains from members."""
+"""Assembling in-process chains from family members (:class:`aiflow_fl.family.member.Member`)."""
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from aiflow_fl.errors import AiflowError
+from aiflow_fl.family.member import Member
 from aiflow_fl.serving.chain import Chain
 from aiflow_fl.serving.link import Link
-from aiflow_fl.serving.members import LocalTier, Member, draft_vocabulary
+from aiflow_fl.serving.tiers import LocalTier, draft_vocabulary
+
+
+class LayerSpan(Protocol):
+    """What resuming needs to know of a verifier: a local Member or a RemoteTier (from its /health)."""
+
+    exit_layer: int
+    shared_layers: int
 
 
 def eos_ids(model, tokenizer=None) -> list[int]:
@@ -17,10 +27,10 @@ def eos_ids(model, tokenizer=None) -> list[int]:
     return sorted(set(ids))
 
 
-def resume_layer(low: Member, high: Member) -> int:
+def resume_layer(low: LayerSpan, high: LayerSpan) -> int:
     """Where ``high`` can resume from ``low``'s exit hidden states: ``low``'s exit when both run it
     with the backbone's own layers (familial reuse), else 0 (start again from token ids)."""
-    shares = low.shared_layers == low.exit_layer and (high.shared_layers or 0) >= low.exit_layer
+    shares = low.shared_layers == low.exit_layer and high.shared_layers >= low.exit_layer
     return low.exit_layer if shares and high.exit_layer >= low.exit_layer else 0
 
 

@@ -33,7 +33,7 @@ import torch
 from aiflow_fl.errors import AiflowError
 from aiflow_fl.serving.acceptance import best_draft_len, greedy_accept, next_draft_len, speculative_accept, verify_costs
 from aiflow_fl.serving.link import Link, tensor_bytes
-from aiflow_fl.serving.members import TierOutput
+from aiflow_fl.serving.tiers import TierOutput
 
 
 class TierUnavailable(RuntimeError):

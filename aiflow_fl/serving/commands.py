@@ -15,7 +15,8 @@ from aiflow_fl.errors import AiflowError
 from aiflow_fl.serving.build import eos_ids, local_chain, resume_layer
 from aiflow_fl.serving.chain import Chain
 from aiflow_fl.serving.link import Link
-from aiflow_fl.serving.members import LocalTier, Member, draft_vocabulary, early_exit_members, family_members
+from aiflow_fl.family.member import Member, early_exit_member, early_exit_members, load_family_member
+from aiflow_fl.serving.tiers import LocalTier, draft_vocabulary
 
 TIER_NAMES = ("device", "edge", "cloud")
 
@@ -61,7 +62,8 @@ def resolve_members(cfg: AiflowConfig, tiers: list[str], family: str | None) -> 
         names = list(s.members) or _default_family_members([m for m in specs], len(tiers))
         if len(names) != len(tiers):
             raise AiflowError(f"serving.members lists {len(names)} members for {len(tiers)} tiers ({','.join(tiers)}).")
-        return family_members(family, names)
+        members = [load_family_member(family, name) for name in names]
+        return members, members[0].tokenizer
     from aiflow_fl.models import load_backbone
 
     loaded = load_backbone(cfg.model.name)
@@ -71,7 +73,7 @@ def resolve_members(cfg: AiflowConfig, tiers: list[str], family: str | None) -> 
             f"--exits {','.join(map(str, exits))} gives {len(exits) + 1} tiers (each exit + the full model) but "
             f"--tiers names {len(tiers)}; give {len(tiers) - 1} exit(s)."
         )
-    return early_exit_members(loaded.model, exits), loaded.tokenizer
+    return early_exit_members(loaded.model, exits, loaded.tokenizer), loaded.tokenizer
 
 
 def _default_family_members(specs: list[dict], count: int) -> list[str]:
@@ -115,13 +117,12 @@ def build_chain(cfg: AiflowConfig, tiers: list[str], family: str | None = None, 
             except AiflowError as exc:  # skip an unreachable tier: the chain works without it
                 warnings.warn(f"skipping the {name} tier: {exc}", stacklevel=2)
                 continue
-            member = Member(tier.name, None, tier.exit_layer, shared_layers=tier.shared_layers)  # type: ignore[arg-type]
-            tier.entry = resume_layer(low, member) if s.reuse else 0
+            tier.entry = resume_layer(low, tier) if s.reuse else 0
         else:
             tier = LocalTier(member, resume_layer(low, member) if s.reuse else 0)
         built.append(tier)
         kept.append(name)
-        low = member
+        low = tier if name in remote else member  # a RemoteTier reports exit_layer / shared_layers too
     options["blocks"] = [1] + ([s.cloud_block] if len(kept) == 3 else [])
     return Chain(built, links=chain_links(kept, cfg), eos_token_ids=eos, **options), tokenizer
 
@@ -176,14 +177,14 @@ def serve_member(cfg: AiflowConfig, tier: str, family: str | None, member: str |
     if family:
         if not member:
             raise AiflowError("--family needs --member NAME (one of the family's members).")
-        chosen = family_members(family, [member])[0][0]
+        chosen = load_family_member(family, member)
     else:
         from aiflow_fl.models import load_backbone
 
-        backbone = load_backbone(cfg.model.name).model
-        layers = backbone.config.num_hidden_layers
+        loaded = load_backbone(cfg.model.name)
+        layers = loaded.model.config.num_hidden_layers
         k = layers if exit_layer is None else exit_layer
-        chosen = early_exit_members(backbone, [k])[0] if k < layers else Member("full", backbone, layers)
+        chosen = early_exit_member(loaded.model, "full" if k == layers else f"exit-{k}", loaded.tokenizer)
     serve(chosen, port=port, core=core, threads=threads)
 
 

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from aiflow_fl.errors import AiflowError
+from aiflow_fl.family.member import Member
 from aiflow_fl.serving.chain import TierUnavailable
-from aiflow_fl.serving.members import LocalTier, Member, TierOutput
+from aiflow_fl.serving.tiers import LocalTier, TierOutput
 
 MAX_SESSIONS = 8
 
@@ -46,7 +47,7 @@ def unpack(body: bytes) -> tuple[dict, memoryview]:
 
 
 class TierService:
-    """One member and its sessions (each session = one LocalTier with its own caches)."""
+    """One family Member and its sessions (each session = one LocalTier with its own caches)."""
 
     def __init__(self, member: Member) -> None:
         self.member = member

@@ -1,99 +1,29 @@
-"""Family members as serving tiers, and the local tier that runs one.
+"""Serving tiers: the local tier that runs one family :class:`~aiflow_fl.family.member.Member`.
 
-A member is a causal LM whose first ``exit_layer`` decoder layers are the backbone's own (identical
-weights in every member of a family), optionally followed by one private *branch* layer (EESB,
-paper §III-B2), then the shared final norm and LM head. Because the shared layers are identical,
-a larger member can start at layer ``exit_layer`` of a smaller one from its hidden states, and the
-smaller member's KV cache *is* the cache of those layers: nothing is recomputed (familial reuse,
-paper §III-C; LayerSkip's self-speculation).
+A member's first ``shared_layers`` decoder layers are the backbone's own (identical weights in every
+member of a family); an EESB member then runs one private *branch* layer (paper §III-B2), then the
+shared final norm and LM head. Because the shared layers are identical, a larger member can start at
+layer ``exit_layer`` of a smaller one from its hidden states, and the smaller member's KV cache *is*
+the cache of those layers: nothing is recomputed (familial reuse, paper §III-C; LayerSkip's
+self-speculation).
 
-:class:`LocalTier` runs the layers ``[entry, exit_layer)`` of a member on new positions — from token
-ids when ``entry == 0``, else from the hidden states a lower tier produced at layer ``entry`` — then
-its branch, norm and head, keeping one KV cache across rounds that can be cropped on rejection.
+:class:`LocalTier` wraps the Member (it defines no member type of its own): it runs the layers
+``[entry, exit_layer)`` on new positions — from token ids when ``entry == 0``, else from the hidden
+states a lower tier produced at layer ``entry`` (one of ``member.resume_layers``) — then the branch,
+norm and head, keeping one KV cache across rounds that can be cropped on rejection.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache
 
 from aiflow_fl.errors import AiflowError
+from aiflow_fl.family.member import Member
 from aiflow_fl.layers import decoder_of, embed, head, positions, run_layers
 from aiflow_fl.serving.acceptance import probs_from_logits
-
-
-@dataclass
-class Member:
-    """One family member seen by the serving code (see module docstring)."""
-
-    name: str
-    model: PreTrainedModel
-    exit_layer: int  # decoder layers it runs before its branch / final norm
-    branch: bool = False  # layer ``exit_layer`` of ``model`` is a private branch
-    shared_layers: int | None = None  # leading layers identical to the backbone's (None: exit_layer)
-
-    def __post_init__(self) -> None:
-        if self.shared_layers is None:
-            self.shared_layers = self.exit_layer
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.model.config.hidden_size)
-
-
-def early_exit_model(backbone: PreTrainedModel, exit_layer: int) -> PreTrainedModel:
-    """A standalone causal LM = the backbone's first ``exit_layer`` layers + its norm and head.
-
-    The modules are *shared* with the backbone (no copy), so this costs no memory; it is what
-    transformers' ``generate(assistant_model=...)`` gets as the same draft (LayerSkip-style early
-    exit with the shared head).
-    """
-    total = backbone.config.num_hidden_layers
-    if not 1 <= exit_layer <= total:
-        raise AiflowError(f"Exit layer {exit_layer} is outside 1..{total} (the backbone has {total} decoder layers).")
-    if exit_layer == total:
-        return backbone
-    config = copy.deepcopy(backbone.config)
-    config.num_hidden_layers = exit_layer
-    if getattr(config, "layer_types", None):
-        config.layer_types = config.layer_types[:exit_layer]
-    with torch.device("meta"):
-        model = type(backbone)(config)
-    inner, source = decoder_of(model), decoder_of(backbone)
-    inner.embed_tokens = source.embed_tokens
-    inner.layers = torch.nn.ModuleList(list(source.layers[:exit_layer]))
-    inner.norm = source.norm
-    inner.rotary_emb = source.rotary_emb
-    model.lm_head = backbone.lm_head
-    model.generation_config = copy.deepcopy(backbone.generation_config)
-    return model.eval()
-
-
-def early_exit_members(backbone: PreTrainedModel, exits: list[int], prefix: str = "exit") -> list[Member]:
-    """Members ``exit-k`` for each k in ``exits`` (ascending) plus the full backbone last."""
-    total = backbone.config.num_hidden_layers
-    if sorted(set(exits)) != list(exits) or any(not 1 <= k < total for k in exits):
-        raise AiflowError(f"Exits {exits} must be strictly increasing layer counts within 1..{total - 1}.")
-    members = [Member(f"{prefix}-{k}", early_exit_model(backbone, k), k) for k in exits]
-    return members + [Member("full", backbone, total)]
-
-
-def family_members(folder: str, names: list[str], dtype: torch.dtype | None = None) -> tuple[list[Member], object]:
-    """Members ``names`` of a family folder (``aiflow family build``) and the family's tokenizer."""
-    from aiflow_fl.family.family import load_member
-
-    members, tokenizer = [], None
-    for name in names:
-        model, tokenizer, spec = load_member(folder, name, dtype)
-        layers = model.config.num_hidden_layers
-        if spec.kind == "eesb":
-            members.append(Member(name, model.eval(), spec.exit, branch=True, shared_layers=spec.exit))
-        else:  # full / head: all its layers; hpcd: none of them are the backbone's own
-            members.append(Member(name, model.eval(), layers, shared_layers=spec.shared_layers(layers)))
-    return members, tokenizer
 
 
 def draft_vocabulary(vocab_size: int, size: int, always: list[int]) -> torch.Tensor | None:
@@ -125,7 +55,7 @@ def predictions(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 @dataclass
 class LocalTier:
-    """A member running in this process from layer ``entry`` (module docstring)."""
+    """A family Member running in this process from layer ``entry`` (module docstring)."""
 
     member: Member
     entry: int = 0  # 0: from token ids; else resumes from a lower tier's hidden states at this layer
@@ -136,9 +66,10 @@ class LocalTier:
     _head_weight: torch.Tensor | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.entry <= self.member.exit_layer:
+        if self.entry not in self.member.resume_layers:
             raise AiflowError(
-                f"Tier '{self.member.name}' cannot resume at layer {self.entry}: it runs layers 0..{self.member.exit_layer}."
+                f"Tier '{self.member.name}' cannot resume at layer {self.entry}: only its layers "
+                f"0..{self.member.shared_layers - 1} are the backbone's shared layers, so it can start at 0..{self.member.shared_layers}."
             )
         if self.vocab is not None:
             self._head_weight = self.member.model.lm_head.weight[self.vocab].detach().clone()
