@@ -56,6 +56,8 @@ def _client_summary(metrics: list[dict[str, Any]]) -> dict[str, float]:
         "tokens-per-s": mean("tokens-per-s"),
         "client-peak-rss-mb": max(float(m.get("peak-rss-mb", 0.0)) for m in metrics),
         "client-train-s-max": max(float(m.get("train-time-s", 0.0)) for m in metrics),
+        # tensors of optimizer state the least lucky device restored (0 after a resume was the old bug)
+        "optimizer-restored-min": min(float(m.get("optimizer-restored", 0.0)) for m in metrics),
         "num-examples": total,
     }
 
