@@ -57,15 +57,12 @@ def _describe(cfg: AiflowConfig) -> dict[str, Any]:
 
 
 def _merged_update(run_dir: Path) -> AdapterUpdate | None:
-    from flwr.app import Array, ArrayRecord
-
     from aiflow_fl.federated.run import RunFolder
-    from aiflow_fl.protocol import arrays_to_update
 
     checkpoint = RunFolder(run_dir).latest_checkpoint()
     if checkpoint is None or not checkpoint.tensors:
         return None
-    return arrays_to_update(ArrayRecord({k: Array(v) for k, v in checkpoint.tensors.items()}))
+    return checkpoint.merged()
 
 
 def serve_trained_family(cfg: AiflowConfig, run_dir: Path, console: Console) -> dict[str, Any]:
