@@ -331,6 +331,25 @@ def test_hierarchical_run_saves_one_specialist_per_edge(tiny_llama_dir, tmp_path
     # the two specialists really differ (each edge trained on its own domain)
     a, b = (lowrank.dense(load_adapter(run_dir / "specialists" / n / "adapter.safetensors").layers) for n in ("edge-0", "edge-1"))
     assert any(not torch.allclose(a[k], b[k]) for k in a)
+    # One collaboration round on that run's specialists (what the demo calls): every selected specialist's
+    # answer is its own greedy generate() with its saved adapter folded in.
+    from aiflow_fl.collab.agents import chat_prompt_ids
+    from aiflow_fl.collab.session import collaboration_round
+    from aiflow_fl.collab.specialists import load_specialist_model
+    from aiflow_fl.config import load_config
+
+    out = collaboration_round(run_dir, "Which planet has rings and moons?",
+                              ["collab.threshold=-1", "collab.top_k=2", "collab.max_new_tokens=3", "collab.rounds=1"])
+    assert set(out["routing"]["scores"]) == {"edge-0", "edge-1"} and sorted(out["answers"]) == ["edge-0", "edge-1"]
+    assert set(out["revisions"]) == {"edge-0", "edge-1"} and isinstance(out["answer"], str) and not out["dropped"]
+    assert out["bytes"]["server->device"] > 0 and out["bytes"]["device->server"] > 0
+    assert {"route", "fan-out", "synthesis", "revision-1", "total"} <= set(out["timings_s"])
+    run_cfg = load_config([], config_file=run_dir / "config.yaml")
+    model, tok = load_specialist_model(run_cfg, by_name["edge-0"])
+    ids = torch.tensor([chat_prompt_ids(tok, [{"role": "user", "content": "Which planet has rings and moons?"}])])
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    assert out["answers"]["edge-0"] == tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
 # ---------------------------------------------------------------------------- benchmark scoring (pure)
@@ -354,22 +373,18 @@ def test_cloze_scoring_fusion_vote_and_revision():
     assert ev.revised_choice(own, synth) == int(post.argmax()) == 1
     assert ev.accuracy([1, 2, 3], [1, 0, 3]) == pytest.approx(2 / 3)
     assert ev.perplexity_of(-2.0 * 4, 4) == pytest.approx(float(torch.exp(torch.tensor(2.0))))
-    # One collaboration round on that run's specialists (what the demo calls): every selected specialist's
-    # answer is its own greedy generate() with its saved adapter folded in.
-    from aiflow_fl.collab.agents import chat_prompt_ids
-    from aiflow_fl.collab.session import collaboration_round
-    from aiflow_fl.collab.specialists import load_specialist_model
-    from aiflow_fl.config import load_config
 
-    out = collaboration_round(run_dir, "Which planet has rings and moons?",
-                              ["collab.threshold=-1", "collab.top_k=2", "collab.max_new_tokens=3", "collab.rounds=1"])
-    assert set(out["routing"]["scores"]) == {"edge-0", "edge-1"} and sorted(out["answers"]) == ["edge-0", "edge-1"]
-    assert set(out["revisions"]) == {"edge-0", "edge-1"} and isinstance(out["answer"], str) and not out["dropped"]
-    assert out["bytes"]["server->device"] > 0 and out["bytes"]["device->server"] > 0
-    assert {"route", "fan-out", "synthesis", "revision-1", "total"} <= set(out["timings_s"])
-    run_cfg = load_config([], config_file=run_dir / "config.yaml")
-    model, tok = load_specialist_model(run_cfg, by_name["edge-0"])
-    ids = torch.tensor([chat_prompt_ids(tok, [{"role": "user", "content": "Which planet has rings and moons?"}])])
-    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
-                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    assert out["answers"]["edge-0"] == tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_derived_descriptions_rank_frequent_distinctive_words_first():
+    from aiflow_fl.collab.specialists import derive_description, distinctive_words
+
+    mine = ["the planet orbits the star; the planet has moons", "a planet and its moons and a comet orbit"] * 3
+    other = ["bake the bread with flour and butter", "the bread dough rises with yeast and flour"] * 3
+    words = distinctive_words(mine, mine + other, count=4)
+    # "planet" (6 uses here, none elsewhere) beats "comet" (3 uses, none elsewhere): the z-scored log-odds
+    # ranks frequent exclusive words first; words both sides use ("the", "and") never make the list.
+    assert words[0] == "planet" and words.index("moons") < len(words) and "comet" in words
+    assert words.index("planet") < words.index("comet") and not {"the", "and", "with"} & set(words)
+    description, utterances = derive_description(mine, {"astronomy": 6}, mine + other)
+    assert description.startswith("Specialist for astronomy.") and "planet" in description and len(utterances) == 4

@@ -141,7 +141,7 @@ def score_continuations(model, context_ids: list[int], continuations: list[list[
     n = len(continuations)
     if n == 0:
         return []
-    ctx = model(input_ids=torch.tensor([context_ids]), use_cache=True)
+    ctx = model(input_ids=torch.tensor([context_ids]), use_cache=True, logits_to_keep=1)  # only the last position's head
     first = torch.log_softmax(ctx.logits[0, -1].float(), -1)  # predicts each continuation's first token
     lengths = [len(c) for c in continuations]
     width = max(lengths)
