@@ -371,7 +371,7 @@ class RoundReporter:
         for m in client_metrics:
             if "dp-epsilon" in m:
                 out.append({"round": cloud_round, "kind": "privacy", "device": int(m.get("dp-device", -1)),
-                            **{k: float(m[k]) for k in ("dp-epsilon", "dp-delta", "dp-noise-multiplier", "dp-steps")}})
+                            **{k: float(m[k]) for k in ("dp-epsilon", "dp-delta", "dp-noise-multiplier", "dp-steps", "dp-sample-rate") if k in m}})
         if self.cfg.privacy.server_side:
             from aiflow_fl.privacy import server_side_epsilon
 

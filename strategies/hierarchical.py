@@ -40,5 +40,7 @@ class Hierarchical(LoraStrategy):
             hierarchy=spec,
             device_cloud=inner.device_cloud,
             freeze_lora_a=inner.freeze_lora_a,
+            global_rank=inner.global_rank,
+            downlink=inner.downlink,
         )
         self.inner = inner

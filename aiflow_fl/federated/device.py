@@ -31,7 +31,7 @@ from aiflow_fl.federated.local import (
     train_local,
 )
 from aiflow_fl.family.member import member_from_config
-from aiflow_fl.federated.lora import attach_lora, extract_update, load_update
+from aiflow_fl.federated.lora import attach_lora, extract_update, load_update, lora_module_paths
 
 
 FAULTS = ("", "raise", "hang", "nan", "shape", "missing")
@@ -88,6 +88,8 @@ class DeviceState:
     rounds_trained: int = 0
     optimizer: dict[str, np.ndarray] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # for plug-ins (privacy accountant, replay buffer)
+    base: dict[str, Any] = field(default_factory=dict)  # the cloud's cumulative base this device holds (LoraFactors)
+    base_version: int = -1  # its version (protocol: the server sends changes from it)
 
 
 _DATA: dict[tuple, DeviceData] = {}
@@ -124,7 +126,13 @@ def prepare_member(cfg: AiflowConfig, profile: DeviceProfile, base: AdapterUpdat
     peft_model = attach_lora(member.model, profile.lora_rank, profile.lora_alpha, cfg.lora.dropout,
                              list(cfg.lora.target_modules), seed=cfg.run.seed)
     if lora is not None and lora.layers:
-        load_update(peft_model, member, lora, profile.lora_alpha)
+        # A node the server has not heard from gets the family's every key (messages do not depend on
+        # the node); a shallow member starts the layers it has, like Member.fold does for the base.
+        own = {member.key_of(p) for p in lora_module_paths(peft_model)}
+        mine = {k: f for k, f in lora.layers.items() if k in own}
+        if not mine:
+            raise ValueError(f"server LoRA shares no module with member '{profile.member}': {sorted(lora.layers)[:3]}")
+        load_update(peft_model, member, AdapterUpdate(mine, lora.num_examples), profile.lora_alpha)
     return member, peft_model
 
 

@@ -42,10 +42,29 @@ RESUMABLE_CHANGES = ("run", "federation.rounds", "federation.client_cpus", "fede
 
 @dataclass
 class Checkpoint:
+    """A round's saved server state: ``base/<module>::A|B|scaling`` (the cumulative base) and
+    ``adapter/…`` (the global adapter, at its rank), or, from older runs, the merged update unprefixed."""
+
     server_round: int
     tensors: dict[str, np.ndarray]
     meta: dict[str, Any]
     path: Path
+
+    def merged(self):
+        """The server's model after that round as one update (base + adapter, exact factors)."""
+        from flwr.app import Array, ArrayRecord
+
+        from aiflow_fl.aggregation import lowrank
+        from aiflow_fl.aggregation.update import AdapterUpdate
+        from aiflow_fl.protocol import arrays_to_update
+
+        def part(prefix: str) -> dict:
+            record = ArrayRecord({k[len(prefix):]: Array(v) for k, v in self.tensors.items() if k.startswith(prefix)})
+            return arrays_to_update(record).layers
+
+        if not any(k.startswith(("base/", "adapter/")) for k in self.tensors):
+            return AdapterUpdate(part(""), 0)
+        return AdapterUpdate(lowrank.add([part("base/"), part("adapter/")]), 0)
 
 
 def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
