@@ -508,14 +508,17 @@ class Chain:
         probing = mode != self.preferred_mode
         # a probe: a quarter window (2 tiers), half a window (3 tiers: the cloud finalises tokens in blocks)
         probe_len = max(4, self.probe_every // (4 if len(self.slots) == 2 else 2))
-        if self.window_tokens < (probe_len if probing else self.probe_every):
-            return
+        solo_speed = self._mode_speeds()[0]
+        alone = 0.0 if solo_speed is None else self.window_s * solo_speed  # tokens the last tier alone made meanwhile
+        lost = probing and mode == 1 and alone > probe_len and self.window_tokens < alone
+        if self.window_tokens < (probe_len if probing else self.probe_every) and not lost:
+            return  # (a drafting probe behind the last tier alone after the time it needs for the whole probe has lost)
         tokens, seconds = self.mode_rates[mode]  # a finished window; older ones count half as much
         self.mode_rates[mode] = [0.5 * tokens + self.window_tokens, 0.5 * seconds + self.window_s]
         self.window_tokens, self.window_s = 0, 0.0
         speeds = self._mode_speeds()
         if probing:
-            faster = speeds[mode] is not None and speeds[1 - mode] is not None and speeds[mode] > speeds[1 - mode]
+            faster = not lost and speeds[mode] is not None and speeds[1 - mode] is not None and speeds[mode] > speeds[1 - mode]
             if mode == 1 and len(self.slots) == 2:
                 # drafting must also win in the cost model of this probe's forwards (medians): a window's
                 # wall time on a loaded machine swings more than the gap between the modes
