@@ -220,26 +220,32 @@ def plot_serving(rows: list[tuple], chain_name: str, path: Path) -> Path:
 
 
 COLLAB_QUESTION = "How do I write a for loop over a dictionary in Python?"
+# Every specialist takes part (threshold 0, top 2 of the 2 edges): the demo shows their exchange, and the
+# routing scores are printed beside it. With the default threshold (0.5, semantic-router's for MiniLM) a
+# question far from both edges' derived descriptions goes to the general member alone.
+COLLAB_OVERRIDES = ["collab.threshold=0.0", "collab.top_k=2"]
 
 
 def collaboration_round(run_dir: Path, console: Console) -> dict[str, Any]:
-    """One collaboration round between the edges' federated specialists (saved with the run)."""
-    try:
-        from aiflow_fl.collab.session import collaborate
-    except ImportError as exc:
-        console.print(f"[yellow]collaboration: not available in this build ({exc})[/yellow]")
-        return {"collab_answered": None, "collab_note": f"not available: {exc}"}
-    from aiflow_fl.errors import AiflowError
+    """One collaboration round between the edges' federated specialists (saved with the run by
+    ``collab.save_specialists``): route the question, the selected specialists answer in parallel, a
+    synthesis, one broadcast-and-revise round (:func:`aiflow_fl.collab.session.collaboration_round`)."""
+    from aiflow_fl.collab.session import collaboration_round as one_round
 
     try:
-        result = collaborate(run_dir, COLLAB_QUESTION)
+        result = one_round(run_dir, COLLAB_QUESTION, COLLAB_OVERRIDES)
     except AiflowError as exc:
         console.print(f"[yellow]collaboration round did not run: {exc}[/yellow]")
         return {"collab_answered": False, "collab_note": str(exc)}
-    console.print(f"[bold]Q:[/bold] {COLLAB_QUESTION}\n[bold]A[/bold] (answered by {', '.join(result.answered_by) or 'nobody'}): "
-                  f"{result.answer.strip()}")
-    return {"collab_answered": bool(result.answer.strip()), "collab_answered_by": result.answered_by,
-            "collab_s": round(result.wall_s, 2), "collab_bytes": int(sum(result.bytes.values()))}
+    scores = ", ".join(f"{n} {v:.2f}" for n, v in result["routing"]["scores"].items())
+    console.print(f"[bold]Q:[/bold] {COLLAB_QUESTION}\nrouting (cosine, threshold {result['routing']['threshold']}): {scores}; "
+                  f"selected: {', '.join(result['routing']['selected']) or 'none'}")
+    for name, text in result["answers"].items():
+        console.print(f"[bold]{name}[/bold]: {text.strip()[:200]}")
+    console.print(f"[bold]A[/bold] ({result['note']}): {result['answer'].strip()[:400]}")
+    return {"collab_answered": bool(result["answers"]) and bool(result["answer"].strip()),
+            "collab_specialists": sorted(result["answers"]), "collab_note": result["note"],
+            "collab_s": result["timings_s"].get("total"), "collab_bytes": int(sum(result["bytes"].values()))}
 
 
 def tofc_question(console: Console) -> dict[str, Any]:
