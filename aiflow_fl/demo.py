@@ -255,6 +255,19 @@ def tofc_question(console: Console) -> dict[str, Any]:
     return {"tofc_bytes": None, "tofc_note": note}
 
 
+def gains_beyond_noise(figures: dict[str, Any]) -> dict[str, bool]:
+    """Per member: did held-out accuracy rise by more than the half-width of the paired-bootstrap 95 %
+    interval of after - before (issue #17's bar; ``heldout_acc_delta/M`` and ``..._ci95/M`` from
+    :func:`aiflow_fl.federated.run.summarize`)?"""
+    out = {}
+    for key, delta in figures.items():
+        if key.startswith("heldout_acc_delta/"):
+            member = key.split("/", 1)[1]
+            low, high = figures[f"heldout_acc_delta_ci95/{member}"]
+            out[member] = bool(delta > (high - low) / 2)
+    return out
+
+
 # The modules `aiflow family build` runs (aiflow_fl.family.cli.build_family and what it imports): an edit
 # to any of them builds the demo's family again. Serving-side modules of the package (member.py,
 # feature_draft.py, evaluate.py, split.py) do not change the folder and are left out.
@@ -335,6 +348,13 @@ def run_demo(overrides: list[str], rebuild_family: bool = False) -> dict[str, An
     summary = simulate(cfg)
     figures = print_summary(summarize(summary.run_dir), "federated fine-tuning of the family")
     seconds["federated_s"] = round(time.perf_counter() - t, 1)
+    beyond = gains_beyond_noise(figures)
+    for member, ok in beyond.items():
+        low, high = figures[f"heldout_acc_delta_ci95/{member}"]
+        console.print(f"{member}: held-out accuracy {figures[f'heldout_acc_before/{member}']:.4f} -> "
+                      f"{figures[f'heldout_acc_after/{member}']:.4f}, change {figures[f'heldout_acc_delta/{member}']:+.4f} "
+                      f"(95 % [{low:+.4f}, {high:+.4f}], half-width {(high - low) / 2:.4f}): "
+                      + ("[green]a gain beyond the noise[/green]" if ok else "[red]NOT beyond the noise[/red]"))
 
     console.rule("[bold]3/3 serve the trained family[/bold]: hierarchical speculative decoding, collaboration, TOFC")
     t = time.perf_counter()
@@ -344,7 +364,8 @@ def run_demo(overrides: list[str], rebuild_family: bool = False) -> dict[str, An
     served = json.loads((Path(summary.run_dir) / "serving.json").read_text())
     seconds["serve_stage_s"] = round(time.perf_counter() - t, 1)
     result = {**seconds,
-              **{k: v for k, v in figures.items() if isinstance(v, (int, float, str, bool, list))}, **served,
+              **{k: v for k, v in figures.items() if isinstance(v, (int, float, str, bool, list))},
+              "heldout_acc_gain_beyond_noise": beyond, **served,
               "total_s": round(time.perf_counter() - start, 1), "run_dir": str(root)}
     (root / "demo.json").write_text(json.dumps(result, indent=1))
     console.print(f"Everything is in {root}: family/, federated/ (metrics.jsonl, eval/, checkpoints/, summary.png), demo.json")

@@ -58,3 +58,12 @@ def test_family_cache_key_follows_what_the_family_is_built_from():
                   dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="stdlib")),
                   dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=1))):
         assert family_cache_key(other) != family_cache_key(cfg)
+
+
+def test_gain_beyond_noise_compares_the_change_with_the_intervals_half_width():
+    from aiflow_fl.demo import gains_beyond_noise
+
+    figures = {"heldout_acc_delta/eesb-0": 0.0166, "heldout_acc_delta_ci95/eesb-0": [0.0097, 0.0236],  # half 0.00695
+               "heldout_acc_delta/eesb-1": 0.004, "heldout_acc_delta_ci95/eesb-1": [-0.002, 0.011],  # half 0.0065
+               "heldout_acc_delta": 0.01, "heldout_acc_delta_ci95": [0.0, 0.02]}
+    assert gains_beyond_noise(figures) == {"eesb-0": True, "eesb-1": False}
