@@ -243,7 +243,8 @@ def collaboration_round(run_dir: Path, console: Console) -> dict[str, Any]:
     for name, text in result["answers"].items():
         console.print(f"[bold]{name}[/bold]: {text.strip()[:200]}")
     console.print(f"[bold]A[/bold] ({result['note']}): {result['answer'].strip()[:400]}")
-    return {"collab_answered": bool(result["answers"]) and bool(result["answer"].strip()),
+    # answered: a specialist replied with some text and the synthesis is not empty (an empty reply is no answer)
+    return {"collab_answered": any(t.strip() for t in result["answers"].values()) and bool(result["answer"].strip()),
             "collab_specialists": sorted(result["answers"]), "collab_note": result["note"],
             "collab_s": result["timings_s"].get("total"), "collab_bytes": int(sum(result["bytes"].values()))}
 
