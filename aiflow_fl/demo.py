@@ -136,7 +136,8 @@ def serve_trained_family(cfg: AiflowConfig, run_dir: Path, console: Console) -> 
         "serving_generate_tokens_per_s": round(sum(generate_tps) / len(generate_tps), 2),
         "serving_device_acceptance": round(sum(acceptance) / len(acceptance), 3),
     }
-    figures["serving_plot"] = str(plot_serving(rows, chain_name, run_dir / "serving.png"))
+    figures["serving_plot"] = str(plot_serving(rows, chain_name, run_dir / "serving.png",
+                                               "aiflow serve + openai client (client-measured)"))
     return figures
 
 
@@ -178,7 +179,8 @@ def serve_in_process(cfg: AiflowConfig, run_dir: Path, console: Console) -> dict
         "serving_chain_tokens_per_s": round(sum(chain_tps) / len(chain_tps), 2),
         "serving_cloud_only_tokens_per_s": round(sum(cloud_tps) / len(cloud_tps), 2),
         "serving_device_acceptance": round(sum(r[5] for r in rows) / len(rows), 3),
-        "serving_plot": str(plot_serving(rows, ">".join(names), run_dir / "serving.png")),
+        "serving_plot": str(plot_serving(rows, ">".join(names), run_dir / "serving.png",
+                                         "in-process chain vs the cloud member's generate()")),
     }
 
 
@@ -198,8 +200,8 @@ def stage_line(console: Console, text: str):
     return stage(text, console)
 
 
-def plot_serving(rows: list[tuple], chain_name: str, path: Path) -> Path:
-    """Tokens/s per prompt, chain vs cloud member alone, through the API (one small PNG)."""
+def plot_serving(rows: list[tuple], chain_name: str, path: Path, how: str) -> Path:
+    """Tokens/s per prompt, chain vs cloud member alone (one small PNG); ``how`` names where they ran."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,8 +212,8 @@ def plot_serving(rows: list[tuple], chain_name: str, path: Path) -> Path:
     ax.bar([i - 0.2 for i in x], [r[3] for r in rows], 0.4, label=f"chain {chain_name}")
     ax.bar([i + 0.2 for i in x], [r[4] for r in rows], 0.4, label="cloud member alone (full)")
     ax.set_xticks(list(x), [f"prompt {i + 1}\n{'lossless' if r[2] else 'DIFFERS'}" for i, r in enumerate(rows)])
-    ax.set_ylabel("tokens/s (client-measured)")
-    ax.set_title("serving the trained family through aiflow serve")
+    ax.set_ylabel("tokens/s")
+    ax.set_title(f"serving the trained family: {how}", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
