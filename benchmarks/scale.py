@@ -10,7 +10,8 @@ registered device: so server memory and round time should not grow with N.
 Then, at N = 10 (every device trains, run.seed = 2 makes devices 2 and 5 the attackers: 20 %), the same
 federation with ``federation.attack_fraction=0.2`` (sign-flipped ×10 updates,
 ``aiflow_fl/federated/attacks.py``) under ``fedavg``, ``median`` and ``trimmed_mean``, against the clean
-FedAvg run; accuracy = the server's held-out next-token accuracy after the last round.
+FedAvg run; accuracy = the server's held-out next-token accuracy after the last round (and its loss: a
+tiny random member's accuracy barely moves, its loss does).
 
 Figures (JSON): per N ``server_peak_rss_mb``, ``round_s`` (median over rounds after the first: round 1
 also loads data and models in fresh Ray workers), ``downlink_bytes_per_round`` / ``uplink_bytes_per_round``
@@ -41,10 +42,28 @@ SIZES = (10, 100, 1000)
 SEED = 2  # with 10 devices and attack_fraction 0.2 this seed makes exactly devices 2 and 5 attack
 COMMON = [
     "data.source=stdlib", "data.partitioner=iid", "data.seq_len=32", "data.max_examples_per_client=8",
-    "data.max_heldout_examples=48", "federation.members=[eesb-0]", "federation.ranks=[4]", "federation.num_edges=1",
-    "train.batch_size=4", "train.lr=3e-3", "federation.client_cpus=1", "family.dir=/nonexistent-use-early-exit-members",
+    "data.max_heldout_examples=48", "federation.members=[exit-2]", "federation.ranks=[4]", "federation.num_edges=1",
+    "train.batch_size=4", "train.lr=1e-2", "federation.client_cpus=1", "family.dir=/nonexistent", "lora.dropout=0.0",
     f"run.seed={SEED}", "federation.downlink=lean",
 ]
+
+
+def tiny_member_dir() -> Path:
+    """A tiny random Llama (2 layers, hidden 32, the real SmolLM2 tokenizer) saved once in the model
+    cache: a member small enough that 1000 registered devices fit and a round takes seconds on CPU."""
+    import tempfile
+
+    from aiflow_fl.models import cache_dir, load_tokenizer, tiny_model
+
+    path = cache_dir() / "tests" / "tiny-llama-l2-h32-seed0"  # the same folder tests/test_privacy_federated.py makes
+    if not (path / "config.json").is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent))
+        tiny_model("llama", num_layers=2, hidden_size=32).save_pretrained(tmp)
+        load_tokenizer().save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    return path
 
 
 def _settings(quick: bool) -> dict[str, Any]:
@@ -126,16 +145,17 @@ def run(quick: bool = False) -> dict[str, Any]:
     out = results_dir("scale")
     console = Console()
     s = _settings(quick)
+    common = [*COMMON, f"model.name={tiny_member_dir()}"]
     runs_dir = out / ("runs-quick" if quick else "runs")
     shutil.rmtree(runs_dir, ignore_errors=True)  # this benchmark's own previous output
     per_n: dict[int, dict[str, Any]] = {}
     for n in SIZES:
         fraction = (s["sampled"] + 0.5) / n if n > s["sampled"] else 1.0  # int(n · fraction) = sampled
-        per_n[n] = _spawn(f"N={n}", [*COMMON, f"federation.num_devices={n}", f"federation.fraction_train={fraction:.6g}",
+        per_n[n] = _spawn(f"N={n}", [*common, f"federation.num_devices={n}", f"federation.fraction_train={fraction:.6g}",
                                      f"federation.min_clients={min(s['sampled'], n)}", f"federation.rounds={s['rounds']}",
                                      f"train.local_steps={s['local_steps']}", "strategy=fedavg",
                                      f"run.dir={runs_dir / f'n{n}'}"], console)
-    attack_common = [*COMMON, "federation.num_devices=10", "federation.fraction_train=1.0", "federation.min_clients=10",
+    attack_common = [*common, "federation.num_devices=10", "federation.fraction_train=1.0", "federation.min_clients=10",
                      f"federation.rounds={s['attack_rounds']}", f"train.local_steps={s['local_steps']}"]
     clean = _spawn("clean FedAvg (N=10)", [*attack_common, "strategy=fedavg", f"run.dir={runs_dir / 'clean'}"], console)
     attacked: dict[str, dict[str, Any]] = {}
