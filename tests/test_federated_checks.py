@@ -106,3 +106,16 @@ def test_robust_rules_resist_two_sign_flipped_updates_of_ten_and_fedavg_does_not
             assert cosine < 0, (name, cosine)  # (8 − 20)/10 = −1.2 ΔW*: the wrong way
         else:
             assert error < 0.1 and cosine > 0.99, (name, error, cosine)
+
+
+def test_a_ray_address_joins_that_cluster_instead_of_sizing_a_local_one(monkeypatch):
+    from simulations.run import backend_config
+
+    cfg = load_config(["federation.client_cpus=1"])
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    local = backend_config(cfg)
+    assert "num_cpus" in local["init_args"] and "address" not in local["init_args"]
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    joined = backend_config(cfg)
+    assert joined["init_args"]["address"] == "10.0.0.5:6379" and "num_cpus" not in joined["init_args"]
+    assert joined["client_resources"] == local["client_resources"]
