@@ -203,13 +203,21 @@ class ServingConfig:
     max_draft_len: int = 12
     cloud_block: int = 8  # edge-approved tokens the cloud verifies at once
     reuse: bool = True  # familial reuse: verifiers resume from the lower tier's hidden states
+    # a federated run folder: its trained global update (newest checkpoint) is folded into every member
+    # served (aiflow_fl.federated.run.fold_run_update); empty: the family as built
+    adapter: str = ""
     draft_vocab: int = 0  # reduced device head over the first N ids (0: full vocabulary)
     pipelined: bool = False  # the device drafts while the verifier works
     draft_confidence: float = 0.0  # end a draft block after a token the device gives less than this probability
     # choose each draft length (0 = the verifier decodes alone) maximising expected tokens/s from this run's
     # measured draft / verify costs and acceptance (sequential chains; overrides adaptive)
-    cost_aware: bool = False
-    probe_every: int = 16  # cost_aware: while the verifier decodes alone, try drafting again every N tokens
+    # on by default so a plain `aiflow generate`/`serve`/demo is never slower than its last tier alone:
+    # the last tier then reads token ids and decodes alone whenever drafting does not pay
+    cost_aware: bool = True
+    probe_every: int = 16  # cost_aware: measured windows of N tokens; the other mode is probed for N/2 (gap doubles on a loss)
+    # 2-tier chains: a feature-level draft head (EAGLE; `aiflow bench specdec` trains one) as the device.
+    # auto: the head trained for the last tier's weights if one is in $AIFLOW_CACHE/draft-head; off; or a file
+    draft_head: str = "auto"
     temperature: float = 0.0  # 0: greedy
     seed: int = 0
     exits: list[int] = field(default_factory=list)  # early-exit tiers of model.name when there is no family

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from aiflow_fl.config import AiflowConfig, from_run_config
-from aiflow_fl.federated.central import CentralEvaluator
+from aiflow_fl.federated.central import CentralEvaluator, worse_than_uniform
 from aiflow_fl.federated.progress import WatchedGrid
 from aiflow_fl.federated.run import RunFolder
 from aiflow_fl.aggregation.update import AdapterUpdate
@@ -132,6 +132,17 @@ def run_server(grid: Grid, cfg: AiflowConfig, progress: Any = None) -> ServerSum
             metrics = evaluator(None)
             folder.log({"round": 0, "kind": "eval", **metrics})
             folder.save_eval_chunks(0, evaluator.per_chunk)
+            bad = worse_than_uniform(metrics, evaluator.vocab_size)
+            if bad:
+                import math
+
+                log(WARNING, "\n%s\nWARNING: member(s) %s start at held-out loss %s, worse than guessing uniformly over the "
+                    "vocabulary (ln %d = %.1f). Without a built family in family.dir=%s these are raw early exits of the "
+                    "backbone (no trained branch): fine-tuning them measures recovery from a broken model, not learning. "
+                    "Build a family first (`aiflow family build family.dir=%s`, or `aiflow demo`), or train "
+                    "federation.members=[full].\n%s", "!" * 78, ", ".join(bad), ", ".join(f"{v:.1f}" for v in bad.values()),
+                    evaluator.vocab_size, math.log(evaluator.vocab_size), cfg.family.dir, cfg.family.dir, "!" * 78)
+                folder.log({"round": 0, "kind": "warning", "worse-than-uniform": bad})
             round_start[0] = time.perf_counter()
             return MetricRecord(metrics)
         if flower_round % edge_rounds:

@@ -60,3 +60,13 @@ def test_summary_plot_title_ticks_and_panels(tmp_path, hierarchical, expected):
     assert "device->edge (uplink)" in labels and "edge->device (downlink)" in labels
     assert "MB" in ax_bytes.get_ylabel() and fig._suptitle.get_text() == folder.title()
     assert folder.plot().stat().st_size > 10_000
+
+
+def test_members_worse_than_uniform_guessing_are_named():
+    import math
+
+    from aiflow_fl.federated.central import worse_than_uniform
+
+    metrics = {"eval-loss/exit-10": 20.3, "eval-loss/eesb-0": 6.7, "eval-loss": 13.5, "eval-accuracy/exit-10": 0.0}
+    assert worse_than_uniform(metrics, 49152) == {"exit-10": 20.3}
+    assert math.log(49152) < 20.3 and worse_than_uniform({"eval-loss/full": 3.2}, 49152) == {}

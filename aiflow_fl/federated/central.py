@@ -27,6 +27,7 @@ class CentralEvaluator:
         self.members = list(dict.fromkeys(cfg.federation.members or ["full"]))
         self._heldout: TokenChunks | None = None
         self.per_chunk: dict[str, dict] = {}  # member -> {"nll", "correct", "tokens"} of the last call
+        self.vocab_size = 0
 
     def heldout(self, tokenizer) -> TokenChunks:
         if self._heldout is None:
@@ -42,6 +43,7 @@ class CentralEvaluator:
             member = member_from_config(self.cfg, name)
             if merged is not None:
                 member.fold(merged)  # keys of deeper layers than the member's are skipped
+            self.vocab_size = member.vocab_size
             self.per_chunk[name] = evaluate_chunks(member.model, self.heldout(member.tokenizer), self.cfg.train.eval_batch_size)
             metrics = summarize_chunks(self.per_chunk[name])
             out[f"eval-loss/{name}"] = metrics["eval-loss"]
@@ -49,3 +51,12 @@ class CentralEvaluator:
         out["eval-loss"] = sum(out[f"eval-loss/{n}"] for n in self.members) / len(self.members)
         out["eval-accuracy"] = sum(out[f"eval-accuracy/{n}"] for n in self.members) / len(self.members)
         return out
+
+
+def worse_than_uniform(metrics: dict[str, float], vocab_size: int) -> dict[str, float]:
+    """Members whose held-out loss is above ln(V), the loss of guessing uniformly over the vocabulary
+    (raw early exits of a backbone, with no trained branch, start there: ~20 nats for SmolLM2)."""
+    import math
+
+    bound = math.log(max(2, vocab_size))
+    return {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("eval-loss/") and v > bound}

@@ -46,12 +46,31 @@ def local_chain(
 
     ``reuse``: each verifier resumes from the tier below's exit hidden states (familial reuse)
     instead of re-running the shared layers from token ids. ``draft_vocab`` > 0 gives the device a
-    reduced head over that many most frequent ids (verification stays exact).
+    reduced head over that many most frequent ids (verification stays exact). With
+    ``cost_aware`` the last tier always reads token ids, so the chain can fall back to it alone.
     """
     if not 1 <= len(members) <= 3:
         raise AiflowError(f"A chain has 1 to 3 members (device[, edge[, cloud]]); got {len(members)}.")
     eos = eos_token_ids if eos_token_ids is not None else eos_ids(members[-1].model)
     vocab = draft_vocabulary(members[0].model.config.vocab_size, draft_vocab, eos)
     tiers = [LocalTier(members[0], 0, vocab, draft=True)]
-    tiers += [LocalTier(m, resume_layer(low, m) if reuse else 0) for low, m in zip(members, members[1:])]
+    entries = [resume_layer(low, m) if reuse else 0 for low, m in zip(members, members[1:])]
+    if chain_options.get("cost_aware") and entries:
+        entries[-1] = 0  # cost-aware: the last tier can then decode alone when drafting does not pay
+    tiers += [LocalTier(m, entry) for m, entry in zip(members[1:], entries)]
     return Chain(tiers, links=links, eos_token_ids=eos, **chain_options)
+
+
+def head_chain(head, verifier: Member, links: list[Link] | None = None, eos_token_ids: list[int] | None = None,
+               **chain_options) -> Chain:
+    """A 2-tier chain: a feature-level draft head (serving.draft_head) drafting for ``verifier``, which
+    runs from token ids and returns its last hidden states with each verdict. The head must have been
+    built for this verifier's backbone shape (hidden size, vocabulary): checked here, before generating."""
+    from aiflow_fl.serving.draft_head import DraftHeadTier, backbone_shape
+
+    ours, theirs = backbone_shape(head.backbone), backbone_shape(verifier.model)
+    wrong = [f"{k} {ours[k]} (verifier: {theirs[k]})" for k in ("hidden_size", "vocab_size") if ours[k] != theirs[k]]
+    if wrong:
+        raise AiflowError(f"The draft head was built for another backbone than verifier '{verifier.name}': " + ", ".join(wrong) + ".")
+    eos = eos_token_ids if eos_token_ids is not None else eos_ids(verifier.model)
+    return Chain([DraftHeadTier(head), LocalTier(verifier, 0)], links=links, eos_token_ids=eos, **chain_options)

@@ -46,6 +46,7 @@ class TierOutput:
     hidden: torch.Tensor | None  # (n, H) exit hidden states (before the branch): where the next tier resumes
     preds: torch.Tensor  # greedy: (n,) argmax token ids; sampling: (n, V) next-token probabilities
     confidence: torch.Tensor | None = None  # greedy: (n,) probability of the argmax (for draft gating)
+    features: torch.Tensor | None = None  # (n, H) last hidden states after the final norm (a draft head's input)
 
 
 def predictions(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -92,6 +93,7 @@ class LocalTier:
         hidden: torch.Tensor | None = None,
         temperature: float = 0.0,
         want_hidden: bool = True,
+        want_features: bool = False,
     ) -> TierOutput:
         """Run positions ``start..start+n-1`` given as ``tokens`` (n,) or ``hidden`` (n, H).
 
@@ -110,14 +112,16 @@ class LocalTier:
         out = exit_hidden
         if self.member.branch:
             out = run_layers(model, out, stop, stop + 1, pos, self.branch_cache)
+        normed = decoder_of(model).norm(out)
         if self._head_weight is None:
-            logits = head(model, out)[0]
+            logits = model.lm_head(normed)[0]
         else:
-            small = torch.nn.functional.linear(decoder_of(model).norm(out), self._head_weight)[0]
+            small = torch.nn.functional.linear(normed, self._head_weight)[0]
             logits = torch.full((small.shape[0], model.config.vocab_size), float("-inf"))
             logits[:, self.vocab] = small
         confidence = torch.softmax(logits.float(), -1).amax(-1) if temperature <= 0 and self.draft else None
-        return TierOutput(exit_hidden[0] if want_hidden else None, predictions(logits, temperature), confidence)
+        return TierOutput(exit_hidden[0] if want_hidden else None, predictions(logits, temperature), confidence,
+                          normed[0] if want_features else None)
 
     def crop(self, length: int) -> None:
         """Forget every position ≥ ``length`` (after a rejection)."""
