@@ -184,11 +184,14 @@ def collaborate(
 
 
 @app.command()
-def demo(overrides: Overrides = None) -> None:
+def demo(
+    overrides: Overrides = None,
+    rebuild_family: Annotated[bool, typer.Option("--rebuild-family", help="Build the family again even when one of this exact config is cached.")] = False,
+) -> None:
     """The main job on the embedded default: build a family, fine-tune it federatedly, serve it (~10 min)."""
     from aiflow_fl.demo import run_demo
 
-    run_demo(list(overrides or []))
+    run_demo(list(overrides or []), rebuild_family=rebuild_family)
 
 
 @app.command("config")

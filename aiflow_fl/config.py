@@ -203,6 +203,9 @@ class ServingConfig:
     max_draft_len: int = 12
     cloud_block: int = 8  # edge-approved tokens the cloud verifies at once
     reuse: bool = True  # familial reuse: verifiers resume from the lower tier's hidden states
+    # a federated run folder: its trained global update (newest checkpoint) is folded into every member
+    # served (aiflow_fl.federated.run.fold_run_update); empty: the family as built
+    adapter: str = ""
     draft_vocab: int = 0  # reduced device head over the first N ids (0: full vocabulary)
     pipelined: bool = False  # the device drafts while the verifier works
     draft_confidence: float = 0.0  # end a draft block after a token the device gives less than this probability

@@ -36,6 +36,7 @@ from aiflow_fl.config import AiflowConfig, from_run_config
 from aiflow_fl.federated.device import DeviceProfile, DeviceState, device_evaluate, device_profile, device_train
 from aiflow_fl.federated.local import TrainingHooks
 from aiflow_fl.files import atomic_write_bytes
+from aiflow_fl.federated.attacks import is_attacker, poison
 from aiflow_fl.protocol import (
     BASE, CONFIG, EDGE_BASE, LORA, METRICS, NUM_EXAMPLES, PROFILE, arrays_to_update, device_start, update_to_arrays,
 )
@@ -222,6 +223,10 @@ def build_client_app(cfg: AiflowConfig | None = None, node_overrides: dict[int, 
         save_state(context, state)
         if folder is not None:
             write_state_file(folder, server_round, state)
+        fed = run_cfg.federation
+        if is_attacker(run_cfg.run.seed, profile.partition_id, fed.attack_fraction):  # robustness studies only
+            update = poison(update, fed.attack, fed.attack_scale)
+            metrics["attacker"] = 1.0
         arrays = _inject_fault(profile, server_round, update_to_arrays(update))
         metric_record = MetricRecord({NUM_EXAMPLES: update.num_examples, **{k: float(v) for k, v in metrics.items()}})
         reply = RecordDict({LORA: arrays, METRICS: metric_record, PROFILE: _with_base_version(_profile_record(profile), state)})

@@ -58,6 +58,7 @@ def _client_summary(metrics: list[dict[str, Any]]) -> dict[str, float]:
         "client-train-s-max": max(float(m.get("train-time-s", 0.0)) for m in metrics),
         # tensors of optimizer state the least lucky device restored (0 after a resume was the old bug)
         "optimizer-restored-min": min(float(m.get("optimizer-restored", 0.0)) for m in metrics),
+        "attackers": sum(int(m.get("attacker", 0.0)) for m in metrics),  # poisoned updates (federation.attack_fraction)
         "num-examples": total,
     }
 

@@ -3,7 +3,8 @@
 N = ``federation.num_devices`` virtual SuperNodes (each a device with partition-id i of N, its member
 and LoRA rank cycled from ``federation.members`` / ``federation.ranks``, its edge = contiguous group of
 ``federation.num_edges``); each client gets ``federation.client_cpus`` CPUs (default 1: two clients at
-a time on a 2-core machine). A live rich view shows the round, clients done and the running loss.
+a time on a 2-core machine). With ``RAY_ADDRESS=HEAD:6379`` set, the run joins that Ray cluster
+instead of starting a local one (the same ServerApp/ClientApp, unchanged). A live rich view shows the round, clients done and the running loss.
 
 ``run.resume=RUN_DIR`` starts from that run's config snapshot (other overrides on top) and its last
 checkpoint.
@@ -24,6 +25,10 @@ def backend_config(cfg: AiflowConfig) -> dict[str, Any]:
     cpus = cfg.federation.client_cpus
     if cpus <= 0:
         raise AiflowError(f"federation.client_cpus is {cpus}; it must be > 0 (CPUs reserved per simulated client).")
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address:  # join a running Ray cluster: its own CPUs and object store (ray.init refuses num_cpus then)
+        return {"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
+                "init_args": {"address": address, "include_dashboard": False}}
     total = max(float(os.cpu_count() or 1), cpus)
     return {
         "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},

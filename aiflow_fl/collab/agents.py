@@ -112,15 +112,15 @@ class LocalAgent:
     @torch.inference_mode()
     def begin(self, token_ids: list[int]) -> torch.Tensor:
         out = self.model(input_ids=torch.tensor([token_ids]), use_cache=True)
-        self._past = out.past_key_values
+        self._past = out.cache
         return torch.log_softmax(out.logits[0, -1].float(), -1)
 
     @torch.inference_mode()
     def advance(self, token_id: int) -> torch.Tensor:
         if self._past is None:
             raise RuntimeError(f"agent {self.name}: advance() before begin()")
-        out = self.model(input_ids=torch.tensor([[token_id]]), past_key_values=self._past, use_cache=True)
-        self._past = out.past_key_values
+        out = self.model(input_ids=torch.tensor([[token_id]]), cache=self._past, use_cache=True)
+        self._past = out.cache
         return torch.log_softmax(out.logits[0, -1].float(), -1)
 
     # -------------------------------------------------------------------- scoring (evaluation)
@@ -141,13 +141,13 @@ def score_continuations(model, context_ids: list[int], continuations: list[list[
     n = len(continuations)
     if n == 0:
         return []
-    ctx = model(input_ids=torch.tensor([context_ids]), use_cache=True)
+    ctx = model(input_ids=torch.tensor([context_ids]), use_cache=True, logits_to_keep=1)  # only the last position's head
     first = torch.log_softmax(ctx.logits[0, -1].float(), -1)  # predicts each continuation's first token
     lengths = [len(c) for c in continuations]
     width = max(lengths)
     out: list[torch.Tensor] = []
     if width > 1:
-        past = ctx.past_key_values
+        past = ctx.cache
         past.batch_repeat_interleave(n)
         batch = torch.zeros(n, width - 1, dtype=torch.long)
         mask = torch.zeros(n, len(context_ids) + width - 1, dtype=torch.long)
@@ -156,7 +156,7 @@ def score_continuations(model, context_ids: list[int], continuations: list[list[
             if len(cont) > 1:
                 batch[i, :len(cont) - 1] = torch.tensor(cont[:-1])
                 mask[i, len(context_ids):len(context_ids) + len(cont) - 1] = 1
-        logits = model(input_ids=batch, past_key_values=past, attention_mask=mask, use_cache=False).logits.float()
+        logits = model(input_ids=batch, cache=past, attention_mask=mask, use_cache=False).logits.float()
         rest = torch.log_softmax(logits, -1)
     for i, cont in enumerate(continuations):
         values = [first[cont[0]]]

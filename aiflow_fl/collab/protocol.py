@@ -200,7 +200,8 @@ class Collaboration:
             answers.update({n: rep.text for n, rep in revised.items()})
             if r < s.rounds and revised:
                 synthesis = self._synthesize(query, {n: answers[n] for n in revised}, decision, steps, f"synthesis-{r + 1}")
-        note = decision.explain() + (f"; {len(dropped)} dropped" if any(st.dropped for st in steps) else "")
+        gone = sorted({name for st in steps for name in st.dropped})
+        note = decision.explain() + (f"; dropped: {', '.join(gone)}" if gone else "")
         return CollabResult(query, decision, synthesis, note, steps, notes, self._bytes(steps), time.perf_counter() - start)
 
     # ------------------------------------------------------------------ pieces

@@ -3,11 +3,12 @@
 :func:`open_collaboration` validates (settings, query, the embedding model, the run's specialist
 folders and their descriptions) and only then loads the router's encoder, the general member and the
 specialists — in this process (threads) or each in its own worker process (``collab.processes``).
-:func:`collaborate` is one round trip for scripts and the demo::
+:func:`collaborate` is one round trip for scripts (a :class:`CollabResult`), and
+:func:`collaboration_round` the same as plain data for the demo::
 
-    from aiflow_fl.collab.session import collaborate
-    result = collaborate("runs/bench-collab/federated", "How do I open a file?", ["collab.top_k=2"])
-    print(result.note, result.answer)
+    from aiflow_fl.collab.session import collaboration_round
+    out = collaboration_round("runs/hier", "How do I open a file?", ["collab.top_k=2"])
+    print(out["routing"]["scores"], out["answers"], out["answer"], out["timings_s"], out["bytes"])
 """
 
 from __future__ import annotations
@@ -90,6 +91,43 @@ def close_collaboration(collab: Collaboration) -> None:
     for agent in getattr(collab, "processes", []):
         agent.close()
     collab.close()
+
+
+def collaboration_round(run_dir: str | Path, query: str, overrides: list[str] | None = None) -> dict:
+    """One collaboration round between a run's federated specialists, as plain data (for the demo).
+
+    Checks everything before any model loads (:func:`prepare`), loads the general member and the
+    specialists saved by a hierarchical run (``RUN_DIR/specialists/``), runs route → parallel answers →
+    synthesis → broadcast and revision once and returns::
+
+        {"query", "answer" (the synthesis), "note" (who answered and why; drops),
+         "routing": {"scores": {specialist: cosine}, "selected": [...], "weights": {...}, "threshold"},
+         "answers": {specialist: first answer}, "revisions": {specialist: last revised answer},
+         "dropped": {specialist: why}, "timings_s": {step: wall s, "fan-out sum of agents": s, "total": s},
+         "bytes": {"server->device": n, "device->server": n}, "warnings": [...]}
+
+    ``overrides`` are config overrides (``collab.top_k=3``, ``collab.rounds=0``, ``collab.synthesis=fusion``,
+    ``collab.max_new_tokens=32``, ...).
+    """
+    result = collaborate(run_dir, query, overrides)
+    fan = result.step("fan-out")
+    revisions = [s for s in result.steps if s.name.startswith("revision")]
+    timings = {s.name: round(s.wall_s, 3) for s in result.steps}
+    if fan is not None:
+        timings["fan-out sum of agents"] = round(fan.sum_agent_s, 3)
+    timings["total"] = round(result.wall_s, 3)
+    last: dict[str, str] = {}
+    for step in revisions:
+        last.update({n: r.text for n, r in step.replies.items()})
+    return {
+        "query": result.query, "answer": result.answer, "note": result.note,
+        "routing": {"scores": result.routing.scores, "selected": result.routing.selected,
+                    "weights": result.routing.weights, "threshold": result.routing.threshold},
+        "answers": {n: r.text for n, r in fan.replies.items()} if fan else {},
+        "revisions": last,
+        "dropped": {n: why for s in result.steps for n, why in s.dropped.items()},
+        "timings_s": timings, "bytes": dict(result.bytes), "warnings": list(result.warnings),
+    }
 
 
 def collaborate(run_dir: str | Path, query: str, overrides: list[str] | None = None) -> CollabResult:

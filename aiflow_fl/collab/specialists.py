@@ -18,8 +18,8 @@ keyed ``<family key>::A|B|scaling`` (the protocol's record layout).
 
 **Descriptions.** ``collab.descriptions[i]`` (config) describes edge i. Otherwise it is *derived from
 the edge's training data* by :func:`derive_description`: the domain labels of its chunks, the 12
-words most over-represented in its text relative to all edges' text (log-odds with add-one
-smoothing), and — as extra router utterances — 4 snippets of its training text. In this repo's
+words most over-represented in its text relative to the other edges' text (z-scored log-odds ratio,
+:func:`distinctive_words`), and — as extra router utterances — 4 snippets of its training text. In this repo's
 simulation the server recomputes the edge devices' partitions (deterministic from the config); in a
 deployment a device would run the same pure function on its own data and send only the result.
 """
@@ -80,17 +80,26 @@ def specialist_layers(cloud_base_at_round_start: Layers, edge_delta: Layers) -> 
 
 
 def distinctive_words(texts: list[str], all_texts: list[str], count: int = 12) -> list[str]:
-    """Words most over-represented in ``texts`` relative to ``all_texts`` (log-odds, add-one smoothing)."""
+    """Words most over-represented in ``texts`` relative to the rest of ``all_texts``.
+
+    Ranked by the z-score of the smoothed log-odds ratio (Monroe, Colaresi & Quinn 2008, "Fightin'
+    words", with a uniform add-one prior): δ_w = log((y_w+1)/(n−y_w+V−1)) − log((r_w+1)/(m−r_w+V−1)),
+    z_w = δ_w / sqrt(1/(y_w+1) + 1/(r_w+1)), y counts in ``texts``, r in the rest, n and m their
+    totals, V the vocabulary. Unlike the plain log-odds, the z-score does not tie every word that only
+    this edge uses: frequent ones come first."""
     mine = Counter(w.lower() for t in texts for w in _WORD.findall(t))
     every = Counter(w.lower() for t in all_texts for w in _WORD.findall(t))
-    n_mine, n_all = sum(mine.values()) or 1, sum(every.values()) or 1
-    vocab = max(1, len(every))
+    rest = every - mine
+    n_mine, n_rest = sum(mine.values()), sum(rest.values())
+    vocab = max(1, len(every | mine))
 
-    def log_odds(word: str) -> float:
-        return math.log((mine[word] + 1) / (n_mine + vocab)) - math.log((every[word] + 1) / (n_all + vocab))
+    def z_score(word: str) -> float:
+        y, r = mine[word], rest[word]
+        delta = math.log((y + 1) / (n_mine - y + vocab - 1)) - math.log((r + 1) / (n_rest - r + vocab - 1))
+        return delta / math.sqrt(1 / (y + 1) + 1 / (r + 1))
 
     candidates = [w for w, c in mine.items() if c >= 2 and w not in _STOP]
-    return sorted(candidates, key=lambda w: (-log_odds(w), w))[:count]
+    return sorted(candidates, key=lambda w: (-z_score(w), w))[:count]
 
 
 def derive_description(texts: list[str], domains: dict[str, int], all_texts: list[str], snippets: int = 4,

@@ -231,6 +231,25 @@ class RunFolder:
         return out
 
 
+def fold_run_update(members, run_dir: str | Path) -> int:
+    """Fold a federated run's trained global model (its newest checkpoint: the server's base + adapter
+    as one low-rank update, :meth:`Checkpoint.merged`) into every member (:meth:`Member.fold`: aligned
+    family keys, so layers the members share stay identical). Returns the checkpoint's round.
+
+    Serving and the demo take the family *as the federation left it* this way; the held-out figures
+    of the run's last round were measured on exactly these weights (:class:`CentralEvaluator` folds
+    the same update)."""
+    folder = RunFolder(run_dir)
+    checkpoint = folder.latest_checkpoint() if folder.checkpoint_dir.is_dir() else None
+    if checkpoint is None:
+        raise AiflowError(f"{run_dir} has no readable checkpoint under {folder.checkpoint_dir}: it is not a federated "
+                          "run folder (aiflow simulate / deploy / demo write one), or no round finished yet.")
+    update = checkpoint.merged()
+    for member in members:
+        member.fold(update)
+    return checkpoint.server_round
+
+
 def _members_of(evals: list[dict[str, Any]]) -> list[str]:
     return sorted({k.split("/", 1)[1] for r in evals for k in r if k.startswith("eval-accuracy/")})
 
