@@ -1,6 +1,6 @@
 """The benchmark harness behind ``aiflow bench NAME [--quick]``.
 
-A benchmark is a module ``benchmarks/NAME.py`` with ``run(quick: bool) -> dict``. It prints its own
+A benchmark is a module ``benchmarks/NAME.py`` (imported as ``aiflow_benchmarks.NAME``) with ``run(quick: bool) -> dict``. It prints its own
 human table (rich) and may save plots under :func:`results_dir`; the harness prints the returned
 figures as one JSON object on the very last line of output, so scripts can read it with
 ``tail -n 1``. Benchmarks measure; tests assert. Comparisons are made side by side within one run.
@@ -8,7 +8,7 @@ figures as one JSON object on the very last line of output, so scripts can read 
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import sys
@@ -28,21 +28,23 @@ def results_dir(name: str) -> Path:
     return path
 
 
-# Loaded by file path: the name ``benchmarks`` is taken in site-packages (opacus ships one).
-BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+# The folder benchmarks/ is the package ``aiflow_benchmarks`` (repository root's aiflow_benchmarks.py):
+# the name ``benchmarks`` is taken in site-packages (opacus ships one).
+PACKAGE = "aiflow_benchmarks"
+
+
+def bench_dir() -> Path:
+    """The folder holding the benchmark modules."""
+    return Path(importlib.import_module(PACKAGE).__path__[0])
 
 
 def available() -> list[str]:
-    return sorted(p.stem for p in BENCH_DIR.glob("*.py") if not p.stem.startswith("_"))
+    return sorted(p.stem for p in bench_dir().glob("*.py") if not p.stem.startswith("_"))
 
 
 def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"aiflow_benchmarks.{name}", BENCH_DIR / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """``aiflow_benchmarks.NAME``, i.e. ``benchmarks/NAME.py``."""
+    return importlib.import_module(f"{PACKAGE}.{name}")
 
 
 def run_benchmark(name: str, quick: bool) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -115,11 +116,21 @@ def deploy(
     overrides: Overrides = None,
     nodes: Annotated[int, typer.Option(help="SuperNodes to start (0: federation.num_devices).")] = 0,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the run to finish.")] = 3600.0,
+    insecure: Annotated[bool, typer.Option(help="Plaintext links, any node may join: local tests only.")] = False,
+    ssl_ca_certfile: Annotated[Optional[Path], typer.Option(help="CA certificate (PEM) clients trust; default: generated for the run.")] = None,
+    ssl_certfile: Annotated[Optional[Path], typer.Option(help="SuperLink TLS certificate (PEM), signed by the CA.")] = None,
+    ssl_keyfile: Annotated[Optional[Path], typer.Option(help="SuperLink TLS private key (PEM).")] = None,
+    supernode_auth: Annotated[bool, typer.Option(help="Per-node key pairs; the SuperLink admits registered keys only.")] = True,
 ) -> None:
-    """The same apps under a real flower-superlink and N flower-supernode processes on loopback, driven by `flwr run`."""
+    """The same apps under a real flower-superlink and N flower-supernode processes on loopback (TLS and SuperNode authentication unless --insecure), driven by `flwr run`."""
     from aiflow_fl.federated.deploy import deploy_command
+    from aiflow_fl.federated.security import TlsFiles
 
-    deploy_command(list(overrides or []), nodes, timeout)
+    given = [ssl_ca_certfile, ssl_certfile, ssl_keyfile]
+    if any(given) and not all(given):
+        raise AiflowError("Give all three of --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile, or none (generated for the run).")
+    tls = TlsFiles(ssl_ca_certfile, ssl_certfile, ssl_keyfile) if all(given) else None  # type: ignore[arg-type]
+    deploy_command(list(overrides or []), nodes, timeout, insecure=insecure, tls=tls, supernode_auth=supernode_auth)
 
 
 @app.command()
@@ -185,11 +196,25 @@ def serve(
 
 
 @app.command()
-def demo(overrides: Overrides = None) -> None:
+def collaborate(
+    query: Annotated[str, typer.Argument(help="The question the specialists answer together.")],
+    overrides: Overrides = None,
+) -> None:
+    """Device-server collaboration on a run's specialists (collab.run=RUN_DIR): route, fan out, synthesize, revise."""
+    from aiflow_fl.collab.cli import collaborate_command
+
+    collaborate_command(query, list(overrides or []))
+
+
+@app.command()
+def demo(
+    overrides: Overrides = None,
+    rebuild_family: Annotated[bool, typer.Option("--rebuild-family", help="Build the family again even when one of this exact config is cached.")] = False,
+) -> None:
     """The main job on the embedded default: build a family, fine-tune it federatedly, serve it (~10 min)."""
     from aiflow_fl.demo import run_demo
 
-    run_demo(list(overrides or []))
+    run_demo(list(overrides or []), rebuild_family=rebuild_family)
 
 
 @app.command("config")

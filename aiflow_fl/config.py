@@ -37,6 +37,9 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "privacy.optimizer": ("adamw", "sgd"),
     "continual.replay": ("none", "reservoir", "stage"),
     "serving.on_verifier_loss": ("fail", "device"),
+    "federation.downlink": ("exact", "lean"),
+    "federation.attack": ("scale", "signflip"),
+    "collab.synthesis": ("prompt", "fusion"),
 }
 
 
@@ -127,11 +130,22 @@ class FederationConfig:
     members: list[str] = field(default_factory=lambda: ["eesb-0", "eesb-1"])
     ranks: list[int] = field(default_factory=lambda: [4, 8])
     memory_budget_mb: float = 0.0  # per device; 0: no budget (a node config's memory-budget-mb wins)
+    # Rank the cloud keeps its global adapter at after every aggregation (truncated SVD; what is cut goes
+    # to the cumulative base with downlink=exact, is dropped with downlink=lean); 0: max(ranks).
+    global_rank: int = 0
+    # exact: every device starts from exactly the server's model (what its rank cannot hold is folded
+    # into its base each round); lean: a device gets the global adapter at its own rank only.
+    downlink: str = "exact"
+    # Poisoned devices (for robustness studies): this fraction of the devices, chosen per partition id
+    # by a hash of run.seed, sends a corrupted update (attack: scale | signflip) every round.
+    attack_fraction: float = 0.0
+    attack: str = "signflip"
+    attack_scale: float = 10.0
 
 
 @dataclass
 class HierarchyConfig:
-    enabled: bool = False  # edge aggregators between devices and the cloud (server/edge.py)
+    enabled: bool = False  # edge aggregators between devices and the cloud (strategies/edge.py)
     edge_rounds: int = 1  # HierFAVG kappa2: edge aggregations per cloud round
     edge_rank: int = 16  # rank of the factors an edge sends to the cloud; 0: exact (no truncation)
     trim_fraction: float = 0.2  # strategy=trimmed_mean: share of values cut at each end per coordinate
@@ -204,13 +218,21 @@ class ServingConfig:
     max_draft_len: int = 12
     cloud_block: int = 8  # edge-approved tokens the cloud verifies at once
     reuse: bool = True  # familial reuse: verifiers resume from the lower tier's hidden states
+    # a federated run folder: its trained global update (newest checkpoint) is folded into every member
+    # served (aiflow_fl.federated.run.fold_run_update); empty: the family as built
+    adapter: str = ""
     draft_vocab: int = 0  # reduced device head over the first N ids (0: full vocabulary)
     pipelined: bool = False  # the device drafts while the verifier works
     draft_confidence: float = 0.0  # end a draft block after a token the device gives less than this probability
     # choose each draft length (0 = the verifier decodes alone) maximising expected tokens/s from this run's
     # measured draft / verify costs and acceptance (sequential chains; overrides adaptive)
-    cost_aware: bool = False
-    probe_every: int = 16  # cost_aware: while the verifier decodes alone, try drafting again every N tokens
+    # on by default so a plain `aiflow generate`/`serve`/demo is never slower than its last tier alone:
+    # the last tier then reads token ids and decodes alone whenever drafting does not pay
+    cost_aware: bool = True
+    probe_every: int = 16  # cost_aware: measured windows of N tokens; the other mode is probed for N/2 (gap doubles on a loss)
+    # 2-tier chains: a feature-level draft head (EAGLE; `aiflow bench specdec` trains one) as the device.
+    # auto: the head trained for the last tier's weights if one is in $AIFLOW_CACHE/draft-head; off; or a file
+    draft_head: str = "auto"
     temperature: float = 0.0  # 0: greedy
     seed: int = 0
     exits: list[int] = field(default_factory=list)  # early-exit tiers of model.name when there is no family
@@ -226,6 +248,27 @@ class ServingConfig:
     api: ApiConfig = field(default_factory=ApiConfig)
     edge_link: LinkConfig = field(default_factory=LinkConfig)  # device <-> edge
     cloud_link: LinkConfig = field(default_factory=LinkConfig)  # edge <-> cloud
+
+
+@dataclass
+class CollabConfig:
+    """Device-server collaboration (aiflow_fl/collab/, paper §IV-A)."""
+
+    # A hierarchical run saves one specialist per edge (cloud base + the edge's merged adapter) and the
+    # general member under RUN_DIR/specialists/.
+    save_specialists: bool = False
+    descriptions: list[str] = field(default_factory=list)  # edge i's description; missing/empty: derived from its data
+    run: str = ""  # `aiflow collaborate`: the run folder whose specialists answer
+    top_k: int = 2  # specialists selected per query
+    threshold: float = 0.5  # cosine similarity a route needs (semantic-router's default for all-MiniLM-L6-v2)
+    temperature: float = 0.05  # fusion weights = softmax(router score / temperature)
+    top_m: int = 5  # a route's score = mean of its top-m utterance similarities
+    rounds: int = 1  # broadcast + revise rounds (0: none)
+    synthesis: str = "prompt"  # prompt (Mixture-of-Agents aggregator) | fusion (token-level, router-weighted)
+    timeout_s: float = 120.0  # a specialist silent this long in a step is dropped (with a warning)
+    max_new_tokens: int = 96
+    max_query_chars: int = 4000
+    processes: bool = False  # each specialist in its own worker process (else threads in this process)
 
 
 @dataclass
@@ -248,7 +291,79 @@ class AiflowConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
+    collab: CollabConfig = field(default_factory=CollabConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+
+# Value ranges, checked on every loaded config (so a bad value stops `aiflow simulate`/`deploy` before
+# Flower, Ray or a run folder exist): dotted key -> (predicate, what is allowed).
+_POSITIVE = (lambda v: v > 0, "> 0")
+_AT_LEAST_1 = (lambda v: v >= 1, "≥ 1")
+_NON_NEGATIVE = (lambda v: v >= 0, "≥ 0")
+RANGES: dict[str, tuple] = {
+    "federation.rounds": _AT_LEAST_1,
+    "federation.num_devices": _AT_LEAST_1,
+    "federation.num_edges": _AT_LEAST_1,
+    "federation.min_clients": _AT_LEAST_1,
+    "federation.fraction_train": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "federation.fraction_evaluate": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "federation.client_cpus": _POSITIVE,
+    "federation.client_timeout_s": _POSITIVE,
+    "federation.ranks": (lambda v: all(r >= 1 for r in v), "a list of ranks ≥ 1"),
+    "federation.members": (lambda v: all(str(m).strip() for m in v), "a list of non-empty member names"),
+    "federation.memory_budget_mb": _NON_NEGATIVE,
+    "federation.global_rank": _NON_NEGATIVE,
+    "federation.attack_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "train.local_steps": _AT_LEAST_1,
+    "train.batch_size": _AT_LEAST_1,
+    "train.eval_batch_size": _AT_LEAST_1,
+    "train.lr": _POSITIVE,
+    "lora.rank": _AT_LEAST_1,
+    "lora.alpha": _POSITIVE,
+    "lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "lora.target_modules": (lambda v: len(v) > 0, "a non-empty list of module names"),
+    "data.seq_len": (lambda v: v >= 2, "≥ 2 (next-token prediction needs two tokens)"),
+    "data.heldout_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "data.max_examples_per_client": _AT_LEAST_1,
+    "data.max_heldout_examples": _AT_LEAST_1,
+    "data.dirichlet_alpha": _POSITIVE,
+    "data.classes_per_partition": _AT_LEAST_1,
+    "data.source": (lambda v: bool(str(v).strip()), "pydoc, stdlib or a path to a .jsonl/.txt file"),
+    "hierarchy.edge_rounds": (lambda v: v >= 1, "≥ 1 (HierFAVG κ2)"),
+    "hierarchy.edge_rank": (lambda v: v >= 0, "≥ 0 (0 means exact, no truncation)"),
+    "hierarchy.trim_fraction": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    "hierarchy.device_edge_mbps": (lambda v: v > 0, "> 0 Mbit/s (a link's bandwidth)"),
+    "hierarchy.edge_cloud_mbps": (lambda v: v > 0, "> 0 Mbit/s (a link's bandwidth)"),
+    "hierarchy.device_edge_latency_ms": (lambda v: v >= 0, "≥ 0 ms (latency)"),
+    "hierarchy.edge_cloud_latency_ms": (lambda v: v >= 0, "≥ 0 ms (latency)"),
+}
+
+
+def check_values(cfg: "AiflowConfig") -> None:
+    """Every value range of the schema (``RANGES``), then the privacy and continual checks that need no
+    data; raises AiflowError naming the key, its value and what is allowed."""
+    for key, (ok, allowed) in RANGES.items():
+        node: Any = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        try:
+            good = bool(ok(node))
+        except TypeError:
+            good = False
+        if not good:
+            raise AiflowError(f"Config key '{key}' is {node!r}; it must be {allowed}.")
+    if cfg.federation.min_clients > cfg.federation.num_devices:
+        raise AiflowError(
+            f"federation.min_clients is {cfg.federation.min_clients} but federation.num_devices is only "
+            f"{cfg.federation.num_devices}; lower min_clients."
+        )
+    from aiflow_fl import privacy
+
+    privacy.check_config(cfg)
+    if cfg.continual.enabled:
+        from aiflow_fl.continual import check_config as check_continual_config
+
+        check_continual_config(cfg)
 
 
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
@@ -316,7 +431,9 @@ def load_config(overrides: list[str] | None = None, config_file: str | Path | No
         raise AiflowError(f"Could not parse overrides {overrides}: {str(exc).splitlines()[0]}") from None
     cfg = _merge(cfg, dotlist, "the command-line overrides")
     _check_allowed(cfg)
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    typed: AiflowConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    check_values(typed)
+    return typed
 
 
 def to_dict(cfg: AiflowConfig) -> dict[str, Any]:
@@ -357,4 +474,6 @@ def from_run_config(run_config: dict[str, Any]) -> AiflowConfig:
         node[leaf] = value
     cfg = _merge(OmegaConf.structured(AiflowConfig), nested, "the Flower run config")
     _check_allowed(cfg)
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    typed: AiflowConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    check_values(typed)
+    return typed

@@ -292,13 +292,12 @@ class StageEvaluator:
     @torch.no_grad()
     def metrics(self, merged: Any, upto_stage: int) -> dict[int, dict[str, float]]:
         """{stage: held-out loss/accuracy} for stages 0..upto_stage, ``merged`` folded into the member."""
+        from aiflow_fl.family.member import member_from_config
         from aiflow_fl.federated.local import evaluate
-        from aiflow_fl.federated.lora import fold_base
-        from aiflow_fl.federated.member import load_member
 
-        member = load_member(self.cfg, self.member)
+        member = member_from_config(self.cfg, self.member)
         if merged is not None:
-            fold_base(member.model, member, merged)
+            member.fold(merged)
         return {stage: evaluate(member.model, self.heldout(stage, member.tokenizer), self.cfg.train.eval_batch_size)
                 for stage in range(upto_stage + 1)}
 
@@ -372,7 +371,7 @@ class RoundReporter:
         for m in client_metrics:
             if "dp-epsilon" in m:
                 out.append({"round": cloud_round, "kind": "privacy", "device": int(m.get("dp-device", -1)),
-                            **{k: float(m[k]) for k in ("dp-epsilon", "dp-delta", "dp-noise-multiplier", "dp-steps")}})
+                            **{k: float(m[k]) for k in ("dp-epsilon", "dp-delta", "dp-noise-multiplier", "dp-steps", "dp-sample-rate") if k in m}})
         if self.cfg.privacy.server_side:
             from aiflow_fl.privacy import server_side_epsilon
 

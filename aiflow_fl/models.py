@@ -14,12 +14,10 @@ Nothing here downloads: ``HF_HUB_OFFLINE`` is honoured and a missing model raise
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from safetensors.torch import save_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from aiflow_fl.errors import AiflowError
+from aiflow_fl.files import apply_user_mode, sha256_file, temp_dir_beside
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
@@ -72,14 +71,6 @@ def embedded_gguf_path(name: str) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _cache_is_valid(folder: Path) -> bool:
     """The cache is valid only if its manifest matches the weights byte for byte."""
     manifest = folder / "aiflow_cache.json"
@@ -88,7 +79,7 @@ def _cache_is_valid(folder: Path) -> bool:
         return False
     try:
         meta = json.loads(manifest.read_text())
-        return meta.get("format") == _CACHE_FORMAT and meta.get("sha256") == _sha256(weights)
+        return meta.get("format") == _CACHE_FORMAT and meta.get("sha256") == sha256_file(weights)
     except (OSError, ValueError):
         return False
 
@@ -96,8 +87,7 @@ def _cache_is_valid(folder: Path) -> bool:
 def _build_embedded_cache(name: str, folder: Path, dtype: torch.dtype) -> None:
     """Dequantize the GGUF once and write an HF folder atomically (temp dir, then rename)."""
     gguf = embedded_gguf_path(name)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    tmp = temp_dir_beside(folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
@@ -109,8 +99,9 @@ def _build_embedded_cache(name: str, folder: Path, dtype: torch.dtype) -> None:
         model.config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
-        meta = {"format": _CACHE_FORMAT, "source": str(gguf), "sha256": _sha256(tmp / "model.safetensors")}
+        meta = {"format": _CACHE_FORMAT, "source": str(gguf), "sha256": sha256_file(tmp / "model.safetensors")}
         (tmp / "aiflow_cache.json").write_text(json.dumps(meta, indent=1))
+        apply_user_mode(tmp)
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)

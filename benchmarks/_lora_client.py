@@ -125,12 +125,15 @@ def heldout_data(num_sequences: int = 128) -> torch.Tensor:
     return chains(num_sequences, seed=999_000)
 
 
-def fold_base(model: torch.nn.Module, base: dict) -> None:
-    """W0 += s·B@A for each module of the base (keys are the backbone's module paths)."""
-    with torch.no_grad():
-        for key, f in base.items():
-            weight = model.get_submodule(key).weight
-            weight += f.delta().to(weight.dtype)
+def fold_base(model: torch.nn.Module, base: dict) -> torch.nn.Module:
+    """W0 + s·B@A for each module of the base (keys are the backbone's module paths), folded by the
+    family Member's one fold (the tiny Llama is a ``full`` member of itself); returns the model."""
+    from aiflow_fl.aggregation.update import AdapterUpdate
+    from aiflow_fl.family.member import early_exit_member
+
+    member = early_exit_member(model, "full")
+    member.fold(AdapterUpdate(dict(base), 0))
+    return member.model
 
 
 def lora_model(spec: DeviceSpec, base: dict, lora: dict, freeze_a: bool, seed: int) -> torch.nn.Module:
@@ -214,8 +217,7 @@ def make_client_app(
             state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
             content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({NUM_EXAMPLES: data.shape[0], "train-loss": loss})})
             return Message(content=content, reply_to=msg)
-        base = arrays_to_update(msg.content[BASE]).layers
-        lora = arrays_to_update(msg.content[LORA]).layers
+        base, lora, held = start_of_round(msg, context, spec)
         if spec.layers is not None and rnd > 1:  # a shallow member must only get its own layers' keys
             foreign = [k for k in set(base) | set(lora) if int(k.split(".")[2]) not in spec.layers]
             if foreign:
@@ -236,10 +238,33 @@ def make_client_app(
         metrics = MetricRecord(
             {NUM_EXAMPLES: data.shape[0], "train-loss": loss, "train-time-s": time.perf_counter() - start, "start-probe": probe, "received-keys": len(set(base) | set(lora))}
         )
-        profile = ConfigRecord({"member": f"rank{spec.rank}", "edge-id": spec.edge_id, "lora-rank": spec.rank, "lora-alpha": spec.alpha})
+        profile = ConfigRecord({"member": f"rank{spec.rank}", "edge-id": spec.edge_id, "lora-rank": spec.rank, "lora-alpha": spec.alpha,
+                                "base-version": held})
         return Message(content=RecordDict({LORA: record, METRICS: metrics, PROFILE: profile}), reply_to=msg)
 
     return app
+
+
+def start_of_round(msg: Message, context: Context, spec: DeviceSpec) -> tuple[dict, dict, int]:
+    """(what to fold, the LoRA start, the base version now held) by the wire protocol's device side
+    (``aiflow_fl.protocol.device_start``); the cumulative base the device holds stays in ``context.state``."""
+    from aiflow_fl.aggregation.update import AdapterUpdate
+    from aiflow_fl.protocol import EDGE_BASE, device_start
+
+    held = arrays_to_update(context.state["lc.base"]).layers if "lc.base" in context.state else {}
+    held_version = int(context.state["lc.local"]["base-version"]) if "lc.local" in context.state else -1
+    config = msg.content[CONFIG]
+    layers = lambda name: arrays_to_update(msg.content[name]).layers if name in msg.content.array_records else {}  # noqa: E731
+    start = device_start(
+        held_base=held, held_version=held_version, base=layers(BASE), base_mode=str(config.get("base-mode", "replace")),
+        base_from=int(config.get("base-from", -1)), base_version=int(config.get("base-version", 0)),
+        edge_base=layers(EDGE_BASE), adapter=layers(LORA), truncation=str(config.get("truncation", "svd")),
+        fold_remainder=bool(config.get("fold-remainder", False)), reinit_lora=bool(config.get("reinit-lora", False)),
+        rank=spec.rank, alpha=spec.alpha,
+    )
+    context.state["lc.base"] = update_to_arrays(AdapterUpdate(start.held_base, 0))
+    context.state["lc.local"] = ConfigRecord({"base-version": start.base_version})
+    return start.fold, start.lora, start.base_version
 
 
 def probe_matrix(key: str, shape: tuple[int, int]) -> torch.Tensor:

@@ -37,10 +37,11 @@ from rich.table import Table
 
 from aiflow_fl.bench import results_dir
 from aiflow_fl.config import BranchTrainingConfig, FamilyConfig
-from aiflow_fl.family.cli import heldout_batches, training_batches
+from aiflow_fl.family.batches import heldout_batches, training_batches
 from aiflow_fl.family.evaluate import evaluate_lm
 from aiflow_fl.family.family import add_branch, add_hpcd, empty_family, head_member
-from aiflow_fl.family.members import MemberSpec
+from aiflow_fl.family.member import load_family_member
+from aiflow_fl.family.spec import MemberSpec
 from aiflow_fl.family.svd import calibrate, decompose_model, factorize, rank_for_ratio
 from aiflow_fl.family.train import train_branches
 from aiflow_fl.models import DEFAULT_MODEL, load_backbone
@@ -86,7 +87,7 @@ def _evaluate_exits(family, exits: list[int], batches: list[torch.Tensor]) -> di
 
     from aiflow_fl.layers import head, positions, run_layers
 
-    main = family.build("full")
+    main = load_family_member(family, "full").model
     branches = {e: family.build(MemberSpec(f"eesb@{e}", "eesb", exit=e, ratio=1.0)).model.layers[e] for e in exits}
     sums = {f"{kind}-{e}": [0.0, 0, 0] for e in exits for kind in ("eesb", "head")}
     with torch.inference_mode():
@@ -176,7 +177,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     exit_scores = _evaluate_exits(family, exits, heldout)
     # cross-check the shared-pass evaluation against one member's own transformers forward
     check_spec = [s for s in family.members.values() if s.kind == "eesb"][-1]
-    own = evaluate_lm(family.build(check_spec.name), heldout[:1])
+    own = evaluate_lm(load_family_member(family, check_spec.name).model, heldout[:1])
     shared = _evaluate_exits(family, [check_spec.exit], heldout[:1])[f"eesb-{check_spec.exit}"]
     consistency = abs(own["top1_acc"] - shared["top1_acc"]) + abs(own["ppl"] - shared["ppl"]) / own["ppl"]
     eesb: dict[str, dict[str, Any]] = {}
@@ -199,7 +200,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     hpcd: dict[str, dict[str, Any]] = {}
     for k in range(1, hpcd_k + 1):
         spec = hpcd_family.spec(f"hpcd-{k}")
-        scores = evaluate_lm(hpcd_family.build(spec.name), heldout)
+        scores = evaluate_lm(load_family_member(hpcd_family, spec.name).model, heldout)
         hpcd[str(k)] = {
             "params_fraction": spec.num_parameters / full.num_parameters,
             "block_params_fraction": spec.block_parameters / full.block_parameters,

@@ -273,12 +273,12 @@ def plot(path: Path, dp_runs: dict[str, Federation], stream_runs: dict[str, Fede
 
 def run(quick: bool = False) -> dict[str, Any]:
     from aiflow_fl.continual import forgetting
-    from aiflow_fl.federated.member import load_member
+    from aiflow_fl.family.member import member_from_config
 
     start = time.perf_counter()
     s = settings(quick)
     console = Console()
-    num_layers = load_member(make_config(s, "[q_proj]"), s["member"]).num_layers
+    num_layers = member_from_config(make_config(s, "[q_proj]"), s["member"]).num_layers
     targets = last_layer_targets(num_layers)
     base_cfg = make_config(s, targets)
     threads: dict[str, int] = {"setup": pick_threads()}

@@ -9,7 +9,9 @@ Per run (:func:`run_server`):
 3. the strategy from ``strategies.build_strategy(cfg)`` (per-node messages, aggregation, faults,
    ``federation.min_clients``), driven through a :class:`WatchedGrid` (progress, per-client timeout);
 4. after every cloud round: central held-out evaluation of each member with the merged update, one
-   ``eval`` and one ``train`` line in ``metrics.jsonl``, and an atomic checkpoint of the merged update;
+   ``eval`` and one ``train`` line in ``metrics.jsonl``, and an atomic checkpoint of the strategy's
+   state (cumulative base and adapter apart, with the rule that cuts the adapter; devices keep their
+   own state files, see ``clients/app.py``);
 5. at the end: ``summary.png`` (loss / accuracy per round).
 """
 
@@ -17,19 +19,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from aiflow_fl.config import AiflowConfig, from_run_config
-from aiflow_fl.federated.central import CentralEvaluator
+from aiflow_fl.federated.central import CentralEvaluator, worse_than_uniform
 from aiflow_fl.federated.progress import WatchedGrid
 from aiflow_fl.federated.run import RunFolder
-from aiflow_fl.protocol import arrays_to_update
+from aiflow_fl.aggregation.update import AdapterUpdate
 
 
 @dataclass
@@ -54,6 +56,9 @@ def _client_summary(metrics: list[dict[str, Any]]) -> dict[str, float]:
         "tokens-per-s": mean("tokens-per-s"),
         "client-peak-rss-mb": max(float(m.get("peak-rss-mb", 0.0)) for m in metrics),
         "client-train-s-max": max(float(m.get("train-time-s", 0.0)) for m in metrics),
+        # tensors of optimizer state the least lucky device restored (0 after a resume was the old bug)
+        "optimizer-restored-min": min(float(m.get("optimizer-restored", 0.0)) for m in metrics),
+        "attackers": sum(int(m.get("attacker", 0.0)) for m in metrics),  # poisoned updates (federation.attack_fraction)
         "num-examples": total,
     }
 
@@ -93,7 +98,6 @@ def run_server(grid: Grid, cfg: AiflowConfig, progress: Any = None) -> ServerSum
         folder, checkpoint = RunFolder.create(cfg), None
     done = int(checkpoint.meta.get("round", 0)) if checkpoint else 0
     folder.truncate_after(done)  # rounds after the checkpoint are redone
-    initial = ArrayRecord({k: Array(v) for k, v in checkpoint.tensors.items()}) if checkpoint else ArrayRecord()
     remaining = cfg.federation.rounds - done
     log(INFO, "aiflow-fl run folder %s: %d round(s) done, %d to go", folder.path, done, remaining)
     if cfg.run.resume:
@@ -103,6 +107,9 @@ def run_server(grid: Grid, cfg: AiflowConfig, progress: Any = None) -> ServerSum
         return ServerSummary(folder.path, done, done)
 
     strategy = build_strategy(cfg, fraction_evaluate=cfg.federation.fraction_evaluate)
+    if checkpoint is not None:  # the cloud's base, adapter (its rank) and rule, as the interrupted run had them
+        strategy.load_state(checkpoint.tensors, checkpoint.meta.get("strategy-state", {}))
+    strategy.round_offset = done * edge_rounds  # devices see global round numbers (seeds, stages, state files)
     if cfg.privacy.server_side:
         from aiflow_fl.privacy import apply_server_side
 
@@ -112,20 +119,36 @@ def run_server(grid: Grid, cfg: AiflowConfig, progress: Any = None) -> ServerSum
     evaluator = CentralEvaluator(cfg)
     reporter = RoundReporter(cfg, folder.records("continual"))  # ε per device, accuracy per stage
     round_start = [time.perf_counter()]
+    # The cloud's base at the start of the current cloud round: with the edges' merges of the last round
+    # it makes each edge's specialist (collab.save_specialists; aiflow_fl/collab/specialists.py).
+    cloud_base = [dict(strategy.base)]
 
     def evaluate_fn(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """After each Flower round: on cloud-round ends, evaluate, log and checkpoint (atomically)."""
         if flower_round == 0:
+            cloud_base[0] = dict(strategy.base)
             if checkpoint is not None:
                 return None  # evaluated in the interrupted run already
             metrics = evaluator(None)
             folder.log({"round": 0, "kind": "eval", **metrics})
+            folder.save_eval_chunks(0, evaluator.per_chunk)
+            bad = worse_than_uniform(metrics, evaluator.vocab_size)
+            if bad:
+                import math
+
+                log(WARNING, "\n%s\nWARNING: member(s) %s start at held-out loss %s, worse than guessing uniformly over the "
+                    "vocabulary (ln %d = %.1f). Without a built family in family.dir=%s these are raw early exits of the "
+                    "backbone (no trained branch): fine-tuning them measures recovery from a broken model, not learning. "
+                    "Build a family first (`aiflow family build family.dir=%s`, or `aiflow demo`), or train "
+                    "federation.members=[full].\n%s", "!" * 78, ", ".join(bad), ", ".join(f"{v:.1f}" for v in bad.values()),
+                    evaluator.vocab_size, math.log(evaluator.vocab_size), cfg.family.dir, cfg.family.dir, "!" * 78)
+                folder.log({"round": 0, "kind": "warning", "worse-than-uniform": bad})
             round_start[0] = time.perf_counter()
             return MetricRecord(metrics)
         if flower_round % edge_rounds:
             return None
         cloud_round = done + flower_round // edge_rounds
-        merged = arrays_to_update(arrays) if len(arrays) else None
+        merged = AdapterUpdate(strategy.merged(), 0)
         metrics = evaluator(merged)
         train_rounds = range(watched.round_offset + flower_round - edge_rounds + 1, watched.round_offset + flower_round + 1)
         client = _client_summary([m for r in train_rounds for m in watched.client_metrics.get(r, [])])
@@ -140,13 +163,20 @@ def run_server(grid: Grid, cfg: AiflowConfig, progress: Any = None) -> ServerSum
                     "clients-failed": sum(h["clients-failed"] for h in history) + sum("timed out" in f for f in failures),
                     "failures": failures})
         folder.log({"round": cloud_round, "kind": "eval", **metrics})
+        folder.save_eval_chunks(cloud_round, evaluator.per_chunk)
         device_evals = watched.eval_metrics.get(watched.round_offset + flower_round, [])
         if device_evals:  # the devices' own held-out data: their domains
             folder.log({"round": cloud_round, "kind": "device-eval", **_weighted_eval(device_evals)})
         for record in reporter.records(cloud_round, [m for r in train_rounds for m in watched.client_metrics.get(r, [])], merged):
             folder.log(record)
-        tensors = {k: arrays[k].numpy() for k in arrays.keys()}
-        folder.save_checkpoint(cloud_round, tensors, {"round": cloud_round, "strategy": cfg.strategy})
+        folder.save_checkpoint(cloud_round, strategy.state_tensors(),
+                               {"round": cloud_round, "strategy": cfg.strategy, "strategy-state": strategy.state_meta()})
+        if cloud_round == cfg.federation.rounds and cfg.collab.save_specialists and cfg.hierarchy.enabled:
+            from aiflow_fl.collab.specialists import save_run_specialists
+
+            saved = save_run_specialists(folder.path, cfg, strategy, cloud_base[0])
+            log(INFO, "saved the general member and %d edge specialist(s) under %s", len(saved) - 1, saved[0].parent)
+        cloud_base[0] = dict(strategy.base)
         log(INFO, "round %d: held-out loss %.4f, accuracy %.4f (checkpoint saved)", cloud_round,
             metrics["eval-loss"], metrics["eval-accuracy"])
         round_start[0] = time.perf_counter()
@@ -154,7 +184,7 @@ def run_server(grid: Grid, cfg: AiflowConfig, progress: Any = None) -> ServerSum
 
     train_config = ConfigRecord({"local-steps": cfg.train.local_steps, "lr": cfg.train.lr})
     try:
-        strategy.start(grid=watched, initial_arrays=initial, num_rounds=remaining,
+        strategy.start(grid=watched, initial_arrays=ArrayRecord(), num_rounds=remaining,
                        timeout=cfg.federation.client_timeout_s, train_config=train_config, evaluate_fn=evaluate_fn)
     except Exception as exc:
         folder.log({"round": done, "kind": "failed", "error": f"{type(exc).__name__}: {exc}"})

@@ -3,7 +3,8 @@
 N = ``federation.num_devices`` virtual SuperNodes (each a device with partition-id i of N, its member
 and LoRA rank cycled from ``federation.members`` / ``federation.ranks``, its edge = contiguous group of
 ``federation.num_edges``); each client gets ``federation.client_cpus`` CPUs (default 1: two clients at
-a time on a 2-core machine). A live rich view shows the round, clients done and the running loss.
+a time on a 2-core machine). With ``RAY_ADDRESS=HEAD:6379`` set, the run joins that Ray cluster
+instead of starting a local one (the same ServerApp/ClientApp, unchanged). A live rich view shows the round, clients done and the running loss.
 
 ``run.resume=RUN_DIR`` starts from that run's config snapshot (other overrides on top) and its last
 checkpoint.
@@ -24,6 +25,10 @@ def backend_config(cfg: AiflowConfig) -> dict[str, Any]:
     cpus = cfg.federation.client_cpus
     if cpus <= 0:
         raise AiflowError(f"federation.client_cpus is {cpus}; it must be > 0 (CPUs reserved per simulated client).")
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address:  # join a running Ray cluster: its own CPUs and object store (ray.init refuses num_cpus then)
+        return {"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
+                "init_args": {"address": address, "include_dashboard": False}}
     total = max(float(os.cpu_count() or 1), cpus)
     return {
         "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
@@ -38,24 +43,28 @@ def simulate(cfg: AiflowConfig, show_progress: bool = True, node_overrides: dict
     ``node_overrides[partition_id]``: extra node-config entries for a simulated device.
     """
     from flwr.simulation import run_simulation
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    from aiflow_fl.progress import progress_bar
 
     from clients.app import build_client_app
     from server.app import build_server_app
 
-    if cfg.federation.num_devices < 1:
-        raise AiflowError(f"federation.num_devices is {cfg.federation.num_devices}; it must be >= 1.")
+    from aiflow_fl.federated.preflight import check_before_start
+
+    backend = backend_config(cfg)
+    check_before_start(cfg)  # data, members, run folder: refused before Ray starts or a folder is made
     resolve_run_dir(cfg)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     summaries: list = []
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+    progress = progress_bar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), disable=not show_progress)
     with progress:
         server_app = build_server_app(cfg, progress if show_progress else None, summaries)
         client_app = build_client_app(cfg, node_overrides)
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_devices,
-                       backend_config=backend_config(cfg))
+                       backend_config=backend)
     if not summaries:
         failed = RunFolder(cfg.run.dir).records("failed")
         reason = failed[-1]["error"] if failed else "see the log above"

@@ -11,7 +11,8 @@ Build one from the typed config::
 
 ``build_strategy(cfg, *, fraction_evaluate=0.0) -> LoraStrategy`` is the stable entry point (the
 ServerApp calls it): ``cfg.strategy`` picks the method (``STRATEGIES``), ``cfg.federation`` gives
-``min_clients``, ``fraction_train`` and ``num_edges``, and ``cfg.hierarchy`` (``enabled``, ``edge_rank``,
+``min_clients``, ``fraction_train``, ``num_edges``, ``global_rank`` (0: the largest of
+``federation.ranks``) and ``downlink``, and ``cfg.hierarchy`` (``enabled``, ``edge_rank``,
 ``edge_rounds``, link bandwidths and latencies) wraps it in :class:`Hierarchical`. ``num_rounds`` given
 to ``start`` counts cloud rounds. Per-round metrics (bytes per link, simulated time, clients ok/failed)
 are in the returned ``Result.train_metrics_clientapp`` and in ``strategy.history``.
@@ -65,6 +66,9 @@ def build_strategy(cfg: AiflowConfig, *, fraction_evaluate: float = 0.0) -> Lora
         fraction_evaluate=fraction_evaluate,
         min_available_nodes=fed.min_clients,
         device_cloud=device_edge.then(edge_cloud),
+        # the configured ranks bound the global adapter's (it must not grow round after round)
+        global_rank=fed.global_rank or max(fed.ranks or [cfg.lora.rank]),
+        downlink=fed.downlink,
     )
     if cfg.strategy == "trimmed_mean":
         if not 0.0 <= h.trim_fraction < 0.5:

@@ -4,18 +4,25 @@
 function ``method(updates) -> Aggregate`` from :mod:`aiflow_fl.aggregation`; the modules next to this
 one bind each method to a named class. Everything Flower-specific lives here and stays thin:
 
-* **Per-node messages** (wire contract: ``aiflow_fl/protocol.py``). Each node's first reply tells the
-  server its profile (``member``, ``edge-id``, ``lora-rank``, ``lora-alpha``) and the keys its member
-  trains; from then on it receives only those keys, its ``base`` (the server's cumulative base plus
-  what its rank cannot hold, as factors) and its ``lora`` init at its own rank. A node the server has
-  not heard from yet gets every key, with the whole adapter folded into its base and no LoRA
-  (so it starts exactly from the server's model with a fresh adapter).
+* **Messages** (wire contract: ``aiflow_fl/protocol.py``). Every device of a tier gets the tier's
+  global adapter at the global rank (``global_rank``; a device cuts it to its own rank itself, by the
+  rule named in the config), the cloud's cumulative base *as a change* since the version the device
+  holds (the whole base only for a device the server has no version for) and, with edges, its edge's
+  base. Once a node has replied, it receives only the keys its member trains. Nothing in a message
+  depends on a node's rank, so the server keeps no per-device state to build one and a resumed server
+  sends exactly what an uninterrupted one would.
+* **Rank that does not grow.** After every cloud aggregation a product-space method's adapter is cut
+  back to ``global_rank`` (truncated SVD, Eckart–Young). ``downlink="exact"``: what is cut goes into
+  the cumulative base (the server's model is unchanged, every device starts from exactly it);
+  ``downlink="lean"``: it is dropped and no remainder is folded, so a device receives only the
+  adapter (the FlexLoRA paper's rule: downlink ≤ uplink), at the price of devices starting from the
+  server's model truncated to their rank.
 * **Faults.** A reply that carries an error, or whose records are malformed (missing ``lora`` or
   ``num-examples``, NaN/Inf, factor shapes that do not match the key's known shape), is logged and
   left out; fewer than ``min_clients`` good replies stop the run with an :class:`AiflowError`.
 * **Hierarchy.** With ``hierarchy`` set, devices are grouped by edge and merged at their
-  :class:`server.edge.EdgeAggregator` for ``edge_rounds`` Flower rounds, then the cloud merges the
-  edges (see ``server/edge.py``). :meth:`start` takes ``num_rounds`` in *cloud* rounds.
+  :class:`strategies.edge.EdgeAggregator` for ``edge_rounds`` Flower rounds, then the cloud merges the
+  edges (see ``strategies/edge.py``). :meth:`start` takes ``num_rounds`` in *cloud* rounds.
 * **Communication.** Every message's serialized size is added to its link; each round's metrics
   carry ``bytes/<link>``, ``cloud-bytes`` and ``sim-round-s`` (from the configured links and the
   devices' reported ``train-time-s``); :attr:`history` keeps them for plots and benchmarks.
@@ -29,7 +36,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
 from typing import Any
 
@@ -45,8 +52,8 @@ from aiflow_fl.aggregation import lowrank
 from aiflow_fl.aggregation.common import Aggregate, Layers
 from aiflow_fl.aggregation.update import AdapterUpdate, LoraFactors
 from aiflow_fl.errors import AiflowError
-from aiflow_fl.protocol import BASE, CONFIG, LORA, METRICS, NUM_EXAMPLES, PROFILE, arrays_to_update, update_to_arrays
-from server.edge import EdgeAggregator
+from aiflow_fl.protocol import BASE, CONFIG, EDGE_BASE, LORA, METRICS, NUM_EXAMPLES, PROFILE, arrays_to_update, update_to_arrays
+from strategies.edge import EdgeAggregator
 
 Method = Callable[[list[AdapterUpdate]], Aggregate]
 
@@ -60,6 +67,7 @@ class NodeProfile:
     rank: int | None = None
     alpha: float | None = None
     keys: set[str] | None = None
+    partition_id: int | None = None  # the device's data partition (from its profile record)
 
     @property
     def scaling(self) -> float:
@@ -90,6 +98,8 @@ class LoraStrategy(Strategy):
     hierarchy : edge tier settings, or None for a flat federation.
     device_cloud : the flat federation's device↔cloud link (default: device→edge→cloud path).
     freeze_lora_a : tell clients to keep LoRA A frozen (FFA-LoRA).
+    global_rank : rank the cloud's adapter is cut back to after each aggregation (0: no cut).
+    downlink : "exact" (the cut goes into the base; remainders folded) or "lean" (dropped; see above).
     """
 
     def __init__(
@@ -103,7 +113,13 @@ class LoraStrategy(Strategy):
         hierarchy: HierarchySpec | None = None,
         device_cloud: comm.Link | None = None,
         freeze_lora_a: bool = False,
+        global_rank: int = 0,
+        downlink: str = "exact",
     ) -> None:
+        if downlink not in ("exact", "lean"):
+            raise AiflowError(f"federation.downlink is '{downlink}', which is not one of: exact, lean.")
+        if global_rank < 0:
+            raise AiflowError(f"federation.global_rank is {global_rank}; it must be ≥ 0 (0: no cut).")
         if not 0.0 < fraction_train <= 1.0:
             raise AiflowError(f"federation.fraction_train is {fraction_train}; it must be in (0, 1].")
         if min_clients < 1:
@@ -122,6 +138,9 @@ class LoraStrategy(Strategy):
         default_links = HierarchySpec()
         self.device_cloud = device_cloud or default_links.device_edge.then(default_links.edge_cloud)
         self.freeze_lora_a = freeze_lora_a
+        self.global_rank = global_rank
+        self.downlink = downlink
+        self.round_offset = 0  # Flower rounds done before this server started (resume): rounds are global
         # Server state: the cloud's cumulative base (relative to the frozen weights) and last aggregate.
         self.base: Layers = {}
         self.cloud: Aggregate | None = None
@@ -130,17 +149,22 @@ class LoraStrategy(Strategy):
         self.shapes: dict[str, tuple[int, int]] = {}  # key -> (out, in), learned from good replies
         self.history: list[dict[str, Any]] = []  # per Flower round: comm figures and fault counts
         self.reply_metrics: dict[int, dict[int, dict[str, float]]] = {}  # Flower round -> node -> its good reply's metrics
-        self._sent_extra: dict[int, Layers] = {}  # what each node got folded into its base this round
+        self.base_version = 0  # bumped whenever the cumulative base changes
+        self.base_increments: list[tuple[int, Layers]] = []  # (version, change to reach it): what devices download
+        self.node_versions: dict[int, int] = {}
+        self._edges_version: int | None = None  # base version the edges hold  # base version each node said it holds (nodes that replied)
+        self._sent: dict[int, Aggregate | None] = {}  # the adapter view each node was sent this round
         self._round: dict[str, Any] = {}
-        self._cache: dict[tuple, tuple[Layers, Layers, Layers]] = {}  # per (tier, rank, scaling), see node_records
+        self._cache: dict[tuple, ArrayRecord] = {}  # records shared by nodes of one tier / key set / version
 
     # ----------------------------------------------------------------- Flower entry point
     def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int = 3, **kwargs: Any) -> Result:
         """Run ``num_rounds`` cloud rounds (each = ``hierarchy.edge_rounds`` Flower rounds).
 
-        ``initial_arrays``: a previous run's merged update (resume) or an empty ArrayRecord.
+        ``initial_arrays``: a previous run's merged update (it becomes the base), or an empty
+        ArrayRecord; a resume that restored :meth:`load_state` first passes an empty one.
         """
-        if initial_arrays is not None and len(initial_arrays) > 0:
+        if initial_arrays is not None and len(initial_arrays) > 0 and not self.base and self.cloud is None:
             try:
                 self.base = arrays_to_update(initial_arrays).layers
             except ValueError as exc:
@@ -180,62 +204,83 @@ class LoraStrategy(Strategy):
         return self.edges[edge_id]
 
     # ----------------------------------------------------------------- downlink
-    def node_records(self, node_id: int) -> tuple[ArrayRecord, ArrayRecord, Layers]:
-        """(base, lora, extra) for one node: extra is what was folded beyond its tier's reference.
-
-        The per-key work (truncation to the node's rank, the remainder, the cumulative base) depends
-        only on the tier, the rank and the scaling, so it is done once per such group and cached
-        until the next aggregation; nodes then take their keys from it.
-        """
-        profile = self.profiles.get(node_id, NodeProfile())
-        keys = profile.keys
-        tier = "cloud"
-        parts = [self.base]
-        agg = self.cloud
+    def _tier(self, node_id: int) -> tuple[str, Aggregate | None, Layers]:
+        """(tier name, the aggregate its devices start from, the tier's base relative to the cloud's)."""
         if self.hierarchy is not None:
             edge = self._edge(self._edge_of(node_id))
             if edge.active:
-                tier = edge.edge_id
-                parts.append(edge.base())
-                agg = edge.last
-        group = (tier, profile.rank, profile.scaling)
-        if group not in self._cache:
-            extra_all: Layers = {}
-            lora_all: Layers = {}
-            if agg is not None:
-                extra_all, lora_all = agg.for_rank(profile.rank, profile.scaling)
-            self._cache[group] = (lowrank.add([*parts, extra_all]), lora_all, extra_all)
-        base_all, lora_all, extra_all = self._cache[group]
-        pick = lambda layers: {k: f for k, f in layers.items() if keys is None or k in keys}  # noqa: E731
-        extra = pick(extra_all)
-        return (
-            update_to_arrays(AdapterUpdate(pick(base_all), 0)),
-            update_to_arrays(AdapterUpdate(pick(lora_all), 0)),
-            extra,
-        )
+                return edge.edge_id, edge.last, edge.base()
+        return "cloud", self.cloud, {}
+
+    def _view(self, agg: Aggregate | None) -> Aggregate | None:
+        """The adapter rule as devices apply it (lean: no remainder folded)."""
+        if agg is None or self.downlink == "exact" or not agg.fold_remainder:
+            return agg
+        return replace(agg, fold_remainder=False)
+
+    def _base_change(self, version: int | None) -> tuple[str, int, Layers]:
+        """(mode, from-version, layers): the cumulative base as a change from ``version`` (None: unknown)."""
+        if version is None or version > self.base_version:
+            return "replace", -1, self.base
+        if version == self.base_version:
+            return "add", version, {}
+        change = lowrank.add([layers for v, layers in self.base_increments if v > version])
+        size = lambda layers: sum(f.A.numel() + f.B.numel() for f in layers.values())  # noqa: E731
+        if not self.base_increments or self.base_increments[0][0] > version + 1 or size(change) > size(self.base):
+            return "replace", -1, self.base  # history pruned, or the change is no smaller than the whole
+        return "add", version, change
+
+    def _record(self, what: tuple, layers: Layers, keys: set[str] | None) -> ArrayRecord:
+        """An ArrayRecord of ``layers`` restricted to ``keys``, built once per round and shared."""
+        cache_key = (*what, frozenset(keys) if keys is not None else None)
+        if cache_key not in self._cache:
+            picked = {k: f for k, f in layers.items() if keys is None or k in keys}
+            self._cache[cache_key] = update_to_arrays(AdapterUpdate(picked, 0))
+        return self._cache[cache_key]
+
+    def node_content(self, node_id: int, config: ConfigRecord, kind: str = MessageType.TRAIN) -> tuple[RecordDict, Aggregate | None]:
+        """The message content for one node, and the adapter view its reply will be relative to."""
+        profile = self.profiles.get(node_id)
+        keys = profile.keys if profile is not None else None
+        tier, agg, edge_base = self._tier(node_id)
+        view = self._view(agg)
+        known = self.node_versions.get(node_id) if kind == MessageType.TRAIN else None  # evaluation: the whole base
+        mode, base_from, change = self._base_change(known)
+        node_config = ConfigRecord(dict(config))
+        node_config.update({
+            "base-mode": mode, "base-from": base_from, "base-version": self.base_version,
+            "truncation": view.truncation if view is not None else "svd",
+            "fold-remainder": bool(view.fold_remainder) if view is not None else False,
+            "reinit-lora": bool(view.reinit_lora) if view is not None else False,
+        })
+        records = {
+            BASE: self._record(("base", mode, base_from, self.base_version), change, keys),
+            EDGE_BASE: self._record(("edge-base", tier), edge_base, keys),
+            LORA: self._record(("lora", tier), view.adapter if view is not None else {}, keys),
+        }
+        # an empty record is left out (devices read a missing one as empty): lean messages carry no
+        # record names for nothing
+        content = RecordDict({name: record for name, record in records.items() if len(record) > 0})
+        content[CONFIG] = node_config
+        return content, view
 
     def _messages(self, server_round: int, config: ConfigRecord, grid: Grid, fraction: float, kind: str) -> list[Message]:
         num_nodes = len(list(grid.get_node_ids()))
         sample_size = max(int(num_nodes * fraction), self.min_clients)
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
         edge_round, _ = self._edge_round(server_round)
-        reinit = bool(self._active_reinit())
+        base_config = ConfigRecord(dict(config))
+        base_config.update({
+            "server-round": self.round_offset + server_round,  # global: a resumed run continues the numbering
+            "edge-round": edge_round,
+            "method": self.name,
+            "freeze-lora-a": self.freeze_lora_a,
+        })
         messages = []
         for node_id in node_ids:
-            base, lora, extra = self.node_records(node_id)
-            node_config = ConfigRecord(dict(config))
-            node_config.update(
-                {
-                    "server-round": server_round,
-                    "edge-round": edge_round,
-                    "method": self.name,
-                    "reinit-lora": reinit,
-                    "freeze-lora-a": self.freeze_lora_a,
-                }
-            )
-            content = RecordDict({BASE: base, LORA: lora, CONFIG: node_config})
+            content, view = self.node_content(node_id, base_config, kind)
             if kind == MessageType.TRAIN:
-                self._sent_extra[node_id] = extra
+                self._sent[node_id] = view
                 self._count(self._down_link(), node_id, comm.serialized_bytes(content))
             messages.append(Message(content=content, message_type=kind, dst_node_id=node_id))
         return messages
@@ -247,7 +292,7 @@ class LoraStrategy(Strategy):
         edge_round, _ = self._edge_round(server_round)
         t0 = time.perf_counter()
         self._round = {"bytes": {link: 0 for link in comm.LINKS}, "down": {}, "up": {}, "t0": t0}
-        self._sent_extra = {}
+        self._sent = {}
         if self.hierarchy is not None and edge_round == 1:
             for edge in self.edges.values():
                 edge.reset()
@@ -286,10 +331,13 @@ class LoraStrategy(Strategy):
                 keys |= p.keys  # type: ignore[operator]
             pick = lambda layers: {k: f for k, f in layers.items() if keys is None or k in keys}  # noqa: E731
             adapter = pick(self.cloud.adapter) if self.cloud else {}
-            content = RecordDict({BASE: update_to_arrays(AdapterUpdate(pick(self.base), 0)), LORA: update_to_arrays(AdapterUpdate(adapter, 0))})
+            # an edge holds the cloud's base like a device does: it gets the change since the last cloud round
+            _, _, change = self._base_change(self._edges_version)
+            content = RecordDict({BASE: update_to_arrays(AdapterUpdate(pick(change), 0)), LORA: update_to_arrays(AdapterUpdate(adapter, 0))})
             size = comm.serialized_bytes(content)
             self._round["bytes"][comm.CLOUD_TO_EDGE] += size
             self._round["cloud_to_edge"][edge_id] = size
+        self._edges_version = self.base_version
 
     # ----------------------------------------------------------------- uplink
     def parse_reply(self, reply: Message) -> AdapterUpdate | None:
@@ -297,6 +345,7 @@ class LoraStrategy(Strategy):
         node_id = reply.metadata.src_node_id
         if reply.has_error():
             log(WARNING, "%s: node %d replied with an error and is left out: %s", self.name, node_id, reply.error.reason)
+            self.node_versions.pop(node_id, None)  # it may have lost its state: send it the whole base next time
             return None
         content = reply.content
         try:
@@ -308,14 +357,13 @@ class LoraStrategy(Strategy):
             update = arrays_to_update(content[LORA], int(num_examples))
             if not update.layers:
                 raise ValueError("the 'lora' record holds no module")
+            update.check_shapes(self.shapes)  # names the key and the shapes (swapped factors, wrong module)
             for key, f in update.layers.items():
-                shape = (f.B.shape[0], f.A.shape[1])
-                if self.shapes.get(key, shape) != shape:
-                    raise ValueError(f"module '{key}' has shape {shape}, but {self.shapes[key]} before")
                 if not torch.isfinite(torch.tensor(f.scaling)):
                     raise ValueError(f"module '{key}' has a non-finite scaling")
         except (ValueError, KeyError, TypeError) as exc:
             log(WARNING, "%s: node %d sent a malformed reply and is left out: %s", self.name, node_id, exc)
+            self.node_versions.pop(node_id, None)  # which base it holds is unknown now: the whole base next time
             return None
         for key, f in update.layers.items():
             self.shapes[key] = (f.B.shape[0], f.A.shape[1])
@@ -324,6 +372,8 @@ class LoraStrategy(Strategy):
             p = content[PROFILE]
             profile.member = str(p.get("member", profile.member))
             profile.edge_id = str(p.get("edge-id", profile.edge_id))
+            if p.get("partition-id") is not None:
+                profile.partition_id = int(p.get("partition-id"))
             rank, alpha = p.get("lora-rank"), p.get("lora-alpha")
             profile.rank = int(rank) if rank else max(f.rank for f in update.layers.values())
             profile.alpha = float(alpha) if alpha else None
@@ -333,10 +383,14 @@ class LoraStrategy(Strategy):
             first = next(iter(update.layers.values()))
             profile.alpha = first.scaling * first.rank
         profile.keys = set(update.layers)
+        if PROFILE in content and "base-version" in content[PROFILE]:
+            self.node_versions[node_id] = int(content[PROFILE]["base-version"])
         update.member = profile.member
         update.metrics = {k: float(v) for k, v in content[METRICS].items() if isinstance(v, (int, float))}
-        # The node's adapter relative to its tier's base: its factors plus what was folded into its base.
-        extra = self._sent_extra.get(node_id, {})
+        # The node's adapter relative to its tier's base: its factors plus what it folded into its base
+        # from the adapter (the same pure rule the device applied, protocol.device_start).
+        view = self._sent.get(node_id)
+        extra = view.for_rank(profile.rank, profile.scaling, keys=set(update.layers))[0] if view is not None else {}
         for key in list(update.layers):
             if key in extra:
                 update.layers[key] = lowrank.concat([update.layers[key], extra[key]])
@@ -393,9 +447,68 @@ class LoraStrategy(Strategy):
         return arrays, metrics
 
     def _apply_cloud(self, agg: Aggregate) -> None:
-        if agg.base:
-            self.base = lowrank.add([self.base, agg.base])
+        """Take a cloud aggregate: cut its adapter back to ``global_rank`` and grow the cumulative base."""
+        cut: Layers = {}
+        if self.global_rank and agg.truncation == "svd":  # product-space methods (prefix ones keep their rank)
+            for key, f in list(agg.adapter.items()):
+                if f.rank > self.global_rank:
+                    kept = lowrank.refactor([lowrank.scaled(f)], max_rank=self.global_rank)
+                    if self.downlink == "exact":
+                        cut[key] = lowrank.difference(f, kept)
+                    agg.adapter[key] = kept
+        increment = lowrank.add([agg.base, cut]) if (agg.base or cut) else {}
+        if increment:
+            self.base = lowrank.add([self.base, increment])
+            self.base_version += 1
+            # a device more than a few versions behind gets the whole base instead (bounded server memory)
+            self.base_increments = [*self.base_increments, (self.base_version, increment)][-8:]
         self.cloud = agg
+
+    # ----------------------------------------------------------------- checkpoint state
+    def state_tensors(self) -> dict[str, Any]:
+        """The cloud state a checkpoint keeps: the cumulative base and the adapter, apart (so the
+        adapter keeps its rank and a resumed server sends what an uninterrupted one would)."""
+        out: dict[str, Any] = {}
+        for prefix, layers in (("base/", self.base), ("adapter/", self.cloud.adapter if self.cloud else {})):
+            for key, arr in update_to_arrays(AdapterUpdate(layers, 0)).items():
+                out[prefix + key] = arr.numpy()
+        return out
+
+    def state_meta(self) -> dict[str, Any]:
+        agg = self.cloud
+        return {
+            "base-version": self.base_version,
+            "cloud": None if agg is None else {
+                "truncation": agg.truncation, "fold_remainder": agg.fold_remainder, "reinit_lora": agg.reinit_lora,
+                "keep_factors_upward": agg.keep_factors_upward, "num_examples": agg.num_examples,
+                "key_examples": dict(agg.key_examples),
+            },
+        }
+
+    def load_state(self, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Restore what :meth:`state_tensors` / :meth:`state_meta` saved (a checkpoint of a
+        previous version holds only the merged update: it becomes the base)."""
+        from flwr.app import Array
+
+        def layers(prefix: str) -> Layers:
+            record = ArrayRecord({k[len(prefix):]: Array(v) for k, v in tensors.items() if k.startswith(prefix)})
+            return arrays_to_update(record).layers
+
+        try:
+            if not any(k.startswith(("base/", "adapter/")) for k in tensors):
+                self.base, self.cloud = layers(""), None
+                self.base_version = 1 if self.base else 0
+                return
+            self.base = layers("base/")
+            self.base_version = int(meta.get("base-version", 0))
+            cloud = meta.get("cloud")
+            self.cloud = None if cloud is None else Aggregate(adapter=layers("adapter/"), **cloud)
+        except (ValueError, TypeError) as exc:
+            raise AiflowError(
+                f"The checkpoint to resume from is not an aiflow-fl strategy state (keys 'base/…', 'adapter/…' "
+                f"as '<module>::A|B|scaling'): {exc}. Resume from a checkpoint this strategy wrote."
+            ) from None
+        self.base_increments = []  # devices get the whole base once after a resume
 
     def merged(self) -> Layers:
         """The server's model as factors: cumulative base plus the current adapter, per key."""

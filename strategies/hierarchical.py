@@ -1,4 +1,4 @@
-"""The hierarchical wrapper: put an edge tier (``server/edge.py``) under any aiflow-fl strategy.
+"""The hierarchical wrapper: put an edge tier (``strategies/edge.py``) under any aiflow-fl strategy.
 
 ``Hierarchical(FlexLoRA(min_clients=2), edge_rank=16, edge_rounds=2)`` keeps the wrapped strategy's
 method and settings and groups its devices by edge: each edge merges its devices for ``edge_rounds``
@@ -40,5 +40,7 @@ class Hierarchical(LoraStrategy):
             hierarchy=spec,
             device_cloud=inner.device_cloud,
             freeze_lora_a=inner.freeze_lora_a,
+            global_rank=inner.global_rank,
+            downlink=inner.downlink,
         )
         self.inner = inner

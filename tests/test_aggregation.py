@@ -132,14 +132,41 @@ def test_ffa_keeps_a_shared_and_is_exact() -> None:
     assert torch.equal(lora[KEYS[0]].A, shared[:4])
 
 
-def test_fedexlora_residual_is_example_weighted() -> None:
-    """The public FedLLM-Factory bug: an unweighted residual is not exact for unequal data sizes."""
-    updates = make_updates(seed=6, examples=(1, 100, 1, 1), shallow=None)
+def test_fedexlora_is_exact_with_the_lora_scaling_and_example_weights() -> None:
+    """FedEx-LoRA's merge is Σ p_k s_k B_k A_k: weighted by examples *and* scaled by each client's α/r.
+    The rule an outside check found in FedLLM-Factory (weighted, but residual and means from the raw
+    products B_k A_k) is far from it when the clients' α/r differ; an unweighted one is too."""
+    updates = make_updates(seed=6, examples=(1, 100, 1, 1), alphas=(16.0, 2.0, 8.0, 32.0), shallow=None)
     agg = METHODS["fedexlora"](updates)
-    assert max_error(lowrank.dense(agg.merged()), reference(updates)) < 1e-4
-    # the buggy rule: model = B̄Ā + (mean_k ΔW_k − B̄Ā) = the unweighted mean of the products
+    ref = reference(updates)
+    assert max_error(lowrank.dense(agg.merged()), ref) < 1e-4
+    weights = [u.num_examples / sum(v.num_examples for v in updates) for u in updates]
+    # without α/r: B̄Ā + (Σ p_k B_k A_k − B̄Ā) = Σ p_k B_k A_k
+    unscaled = {k: sum(w * (u.layers[k].B.double() @ u.layers[k].A.double()) for w, u in zip(weights, updates)) for k in agg.adapter}
+    assert max_error(unscaled, ref) > 1.0
     unweighted = {k: sum(u.layers[k].delta().double() for u in updates) / len(updates) for k in agg.adapter}
-    assert max_error(unweighted, reference(updates)) > 1.0
+    assert max_error(unweighted, ref) > 1.0
+
+
+def test_swapped_or_rank_mismatched_factors_are_refused_naming_key_and_shapes() -> None:
+    gen = torch.Generator().manual_seed(11)
+    A, B = torch.randn(4, N, generator=gen), torch.randn(M, 4, generator=gen)
+    with pytest.raises(ValueError, match=r"rank.*A\(4, 12\).*B\(20, 3\)"):
+        LoraFactors(A, B[:, :3], 1.0)  # ranks disagree
+    with pytest.raises(ValueError, match=r"rank.*A\(20, 4\).*B\(4, 12\)"):
+        LoraFactors(B, A, 1.0)  # swapped on a non-square module: the ranks disagree too
+    # swapped on a square module: the ranks agree, but the pair is no LoRA update of that module
+    Aq, Bq = torch.randn(2, 8, generator=gen), torch.randn(8, 2, generator=gen)
+    good = AdapterUpdate({KEYS[0]: LoraFactors(Aq, Bq, 1.0)}, 5)
+    swapped = AdapterUpdate({KEYS[0]: LoraFactors(Bq, Aq, 1.0)}, 5)
+    with pytest.raises(ValueError, match=rf"'{KEYS[0]}'.*A\(8, 2\) B\(2, 8\).*swapped"):
+        swapped.check_shapes()
+    with pytest.raises(ValueError, match=rf"'{KEYS[0]}'.*\(2, 2\) update.*module is \(8, 8\)"):
+        swapped.check_shapes({KEYS[0]: (8, 8)})
+    good.check_shapes({KEYS[0]: (8, 8)})
+    for name in ("fedit", "ffa"):  # mixed with a good update, the aggregation names the key and both shapes
+        with pytest.raises(ValueError, match=rf"key '{KEYS[0]}' has shape \(2, 2\).*\(8, 8\)"):
+            METHODS[name]([good, swapped])
 
 
 def test_robust_median_resists_an_outlier() -> None:

@@ -16,7 +16,7 @@ from aiflow_fl.serving.api.limits import completion_budget
 from aiflow_fl.serving.api.sampling import nucleus_probs
 from aiflow_fl.serving.api.scheduler import Scheduler, Sequence
 from aiflow_fl.serving.api.text import TextStream, held_back
-from aiflow_fl.serving.members import early_exit_members
+from aiflow_fl.family.member import early_exit_members
 from aiflow_fl.serving.server import TierSessions, pack, unpack
 
 CHARS = {i: chr(ord("a") + i % 26) for i in range(600)}
@@ -172,7 +172,7 @@ def test_tier_sessions_refuse_what_they_do_not_hold():
     assert sessions.evicted == 1 and status(_frame("a", 6, [1])) == (409, "session_unknown")
     assert status(b"\x00\x00") == (400, "invalid_frame")
     assert status(_frame("d", 0, [1], extra=1)) == (400, "invalid_header")
-    assert status(_frame("d", 0, [1], start=-1)) == (400, "invalid_header")
+    assert status(_frame("d", -1, [1])) == (400, "invalid_header")
     assert status(_frame("d", 0, [1], n=3)) == (400, "invalid_frame")
     assert status(_frame("d", 0, [10**6])) == (400, "invalid_tokens")
     assert status(_frame("d", 60, list(range(8)))) == (400, "context_length_exceeded")

@@ -18,11 +18,12 @@ from aiflow_fl.family import (
     align_key,
     family_from_backbone,
     head_member,
-    load_member,
+    load_family_member,
     module_path,
 )
+from aiflow_fl.family.family import seal_folder
 from aiflow_fl.family.budget import budget_from_fraction, exit_and_ratio, explicit_eesb, size_model
-from aiflow_fl.family.members import count_member, skeleton
+from aiflow_fl.family.spec import count_member, skeleton
 from aiflow_fl.models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -144,7 +145,8 @@ def test_save_and_load_member_reads_only_its_tensors(tiny, tokenizer, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
     ids = torch.randint(0, 500, (1, 7))
     for name in ["full", "eesb-1", "hpcd-2"]:
-        model, tok, spec = load_member(folder, name)
+        member = load_family_member(folder, name)
+        model, tok, spec = member.model, member.tokenizer, member.spec
         assert spec == family.spec(name) and tok.eos_token_id == tokenizer.eos_token_id
         with torch.no_grad():
             torch.testing.assert_close(model(ids).logits, family.build(name)(ids).logits, atol=1e-5, rtol=1e-5)
@@ -156,21 +158,23 @@ def test_save_and_load_member_reads_only_its_tensors(tiny, tokenizer, tmp_path):
                 if k.startswith("branch.1.") or not (k.startswith(("branch.", "hpcd.", "model.layers.")))
                 or k.startswith("model.layers.0.")}
     save_file(kept, str(folder / "tensors.safetensors"))
-    model, _, _ = load_member(folder, "eesb-0")
+    seal_folder(folder)  # the download comes with the digests of what it holds
+    model = load_family_member(folder, "eesb-0").model
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, family.build("eesb-0")(ids).logits, atol=1e-5, rtol=1e-5)
     for name in ["full", "eesb-2", "hpcd-1"]:
         with pytest.raises(AiflowError, match="lacks"):
-            load_member(folder, name)
+            load_family_member(folder, name)
     # a mismatched tensor is named
     kept["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(3, 3)
     save_file(kept, str(folder / "tensors.safetensors"))
+    seal_folder(folder)  # consistent digests, wrong shapes: the shape check names the tensor
     with pytest.raises(AiflowError, match="model.layers.0.self_attn.q_proj.weight"):
-        load_member(folder, "eesb-0")
+        load_family_member(folder, "eesb-0")
     with pytest.raises(AiflowError, match="no member 'eesb-9'"):
-        load_member(folder, "eesb-9")
+        load_family_member(folder, "eesb-9")
     with pytest.raises(AiflowError, match="not a family folder"):
-        load_member(tmp_path, "full")
+        load_family_member(tmp_path, "full")
 
 
 def test_budget_picks_last_exit_that_fits_and_fills_it(tiny):

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from aiflow_fl.cli import app
 from aiflow_fl.errors import AiflowError
-from aiflow_fl.family import load_member
+from aiflow_fl.family import load_family_member
 from aiflow_fl.models import tiny_model
 
 
@@ -33,7 +33,8 @@ def test_build_info_eval(model_dir, tmp_path):
                                  "family.branch_training.batch_size=2"])
     assert result.exit_code == 0, result.output
     assert "eesb-1" in result.output and "hpcd-2" in result.output
-    model, _, spec = load_member(fam, "eesb-1")
+    member = load_family_member(fam, "eesb-1")
+    model, spec = member.model, member.spec
     assert spec.exit == 2 and model.config.num_hidden_layers == 3
     result = runner.invoke(app, ["family", "info", str(fam)])
     assert result.exit_code == 0 and "hpcd-1" in result.output

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 def test_real_model_eesb_member_eq3_and_split():
     from aiflow_fl.config import FamilyConfig
     from aiflow_fl.family import family_from_backbone
-    from aiflow_fl.family.family import calibration_batches
+    from aiflow_fl.family.batches import calibration_batches
     from aiflow_fl.family.split import resume, run_prefix
     from aiflow_fl.family.svd import factorize
     from aiflow_fl.models import load_backbone

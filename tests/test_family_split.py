@@ -40,7 +40,7 @@ def test_resume_from_small_member_equals_one_full_forward_without_recomputation(
         assert calls == {0: 0, 1: 0, 2: 1, 3: 1}  # shared layers are not recomputed
         torch.testing.assert_close(logits, reference[:, :7], atol=1e-5, rtol=1e-5)
         # the resumed cache continues decoding exactly like one full forward
-        step = full(ids[:, 7:], past_key_values=cache).logits
+        step = full(ids[:, 7:], cache=cache).logits
         torch.testing.assert_close(step, reference[:, 7:], atol=1e-5, rtol=1e-5)
     for h in handles:
         h.remove()
@@ -78,3 +78,18 @@ def test_split_past_the_shared_layers_is_refused(family):
         resume(small, run_prefix(full, ids, 2), spec=family.spec("eesb-0"))
     with pytest.raises(AiflowError, match="0..1"):
         resume(small, run_prefix(full, ids, 2))  # the receiver has only 2 layers
+
+
+def test_running_layers_uses_the_current_cache_api(tiny):
+    """No "`past_key_values` is deprecated … use `cache`" FutureWarning from aiflow_fl.layers."""
+    import warnings
+
+    from transformers import DynamicCache
+
+    from aiflow_fl.layers import embed, positions, run_layers
+
+    ids = torch.randint(0, 500, (1, 6))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_layers(tiny, embed(tiny, ids), 0, 2, positions(0, 6), DynamicCache(config=tiny.config))
+    assert not [w for w in caught if "past_key_values" in str(w.message)]

@@ -23,15 +23,15 @@ from aiflow_fl.federated.local import (
     round_batches,
     train_local,
 )
-from aiflow_fl.federated.lora import attach_lora, extract_update, fold_base, load_update
-from aiflow_fl.federated.member import Member, exit_layers, truncate_layers
+from aiflow_fl.family.member import Member, early_exit_member, exit_layers
+from aiflow_fl.federated.lora import attach_lora, extract_update, load_update
 from aiflow_fl.federated.run import RunFolder
 from aiflow_fl.layers import embed, head, positions, run_layers
 from aiflow_fl.models import tiny_model
 
 
 def _member(model) -> Member:
-    return Member("exit-2", model, None, lambda p: p, model.config.num_hidden_layers)
+    return early_exit_member(model, "full")  # the whole tiny model; its keys are its module paths
 
 
 def _randomize_lora(peft_model, seed=1):
@@ -46,7 +46,7 @@ def test_early_exit_member_equals_the_backbone_run_to_layer_k(tiny):
     ids = torch.randint(0, 1000, (1, 10))
     with torch.no_grad():
         reference = head(tiny, run_layers(tiny, embed(tiny, ids), 0, 2, positions(0, 10)))
-        member = truncate_layers(copy.deepcopy(tiny), 2)
+        member = early_exit_member(copy.deepcopy(tiny), "exit-2").model
         torch.testing.assert_close(member(ids).logits, reference, atol=1e-5, rtol=1e-5)
     assert exit_layers("eesb-1", 30, [0.35, 0.6]) == 18 and exit_layers("exit-3", 30, []) == 3
     with pytest.raises(AiflowError, match="eesb-i"):
@@ -82,7 +82,7 @@ def test_load_update_roundtrips_and_rejects_wrong_shapes(tiny):
         load_update(dst, _member(tiny), AdapterUpdate({"model.layers.99.q_proj": update.layers[next(iter(update.layers))]}, 1), 8.0)
 
 
-def test_fold_base_matches_peft_merged_model(tiny):
+def test_member_fold_matches_peft_merged_model(tiny):
     src = attach_lora(copy.deepcopy(tiny), 4, 8.0, 0.0, ["q_proj", "o_proj"])
     _randomize_lora(src, seed=5)
     update = extract_update(src, _member(tiny), 8.0, 1)
@@ -90,7 +90,7 @@ def test_fold_base_matches_peft_merged_model(tiny):
     folded = copy.deepcopy(tiny)
     deeper = LoraFactors(torch.ones(4, 64), torch.ones(64, 4), 1.0)  # a layer this member lacks: skipped
     family_wide = AdapterUpdate({**update.layers, "model.layers.9.self_attn.q_proj": deeper}, 1)
-    assert fold_base(folded, _member(folded), family_wide) == len(update.layers)
+    assert _member(folded).fold(family_wide) == len(update.layers)
     ids = torch.randint(0, 1000, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(folded(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
@@ -200,6 +200,7 @@ def test_cloud_round_bytes_are_summed_over_its_edge_rounds_and_plotted(tmp_path)
     """A cloud round of κ2 edge rounds carries the sum of what each link moved in every edge round."""
     from PIL import Image
 
+    from aiflow_fl.federated.run import draw_summary
     from server.app import _link_totals
 
     edge_rounds = [
@@ -211,19 +212,23 @@ def test_cloud_round_bytes_are_summed_over_its_edge_rounds_and_plotted(tmp_path)
     run = RunFolder.create(load_config([f"run.dir={tmp_path / 'r'}"]))
     run.log({"round": 1, "kind": "train", "train-loss": 2.0, **totals})
     run.log({"round": 1, "kind": "eval", "eval-loss": 2.0, "eval-accuracy": 0.1})
-    with_bytes = Image.open(run.plot()).size
+    assert Image.open(run.plot()).size[0] > 800
+    bars = draw_summary(run).axes[3]  # panel (d): bytes per link, MB per cloud round
+    heights = {t.get_text(): [p.get_height() for p in c] for t, c in zip(bars.get_legend().get_texts(), bars.containers)}
+    assert heights == {"device->edge (uplink)": [220 / 1e6], "edge->device (downlink)": [0.0],
+                       "edge->cloud (uplink)": [40 / 1e6], "cloud->edge (downlink)": [0.0]}
     plain = RunFolder.create(load_config([f"run.dir={tmp_path / 'p'}"]))
     plain.log({"round": 1, "kind": "train", "train-loss": 2.0})
-    assert with_bytes[0] > Image.open(plain.plot()).size[0]  # the third panel: bytes per link
+    assert draw_summary(plain).axes[3].get_legend() is None  # nothing counted: no bars, a note instead
 
 
 def test_loaded_members_share_frozen_weights_and_folding_a_base_touches_only_its_copy(tiny_llama_dir):
-    """load_member hands out copies whose frozen weights are the cached tensors (no model copy per
-    round); fold_base gives its copy a new weight, so the cache and other copies stay pristine."""
-    from aiflow_fl.federated.member import load_member
+    """member_from_config hands out copies whose frozen weights are the cached tensors (no model copy per
+    round); Member.fold gives its copy a new weight, so the cache and other copies stay pristine."""
+    from aiflow_fl.family.member import member_from_config
 
     cfg = load_config([f"model.name={tiny_llama_dir}"])
-    first, second = load_member(cfg, "exit-2"), load_member(cfg, "exit-2")
+    first, second = member_from_config(cfg, "exit-2"), member_from_config(cfg, "exit-2")
     q_first = first.model.get_submodule("model.layers.0.self_attn.q_proj")
     q_second = second.model.get_submodule("model.layers.0.self_attn.q_proj")
     assert q_first is not q_second and q_first.weight.data_ptr() == q_second.weight.data_ptr()
@@ -231,7 +236,7 @@ def test_loaded_members_share_frozen_weights_and_folding_a_base_touches_only_its
     pristine = q_second.weight.detach().clone()
     out, inp = q_first.weight.shape
     base = AdapterUpdate({"model.layers.0.self_attn.q_proj": LoraFactors(torch.ones(1, inp), torch.ones(out, 1), 0.5)}, 1)
-    assert fold_base(first.model, first, base) == 1
+    assert first.fold(base) == 1
     assert torch.allclose(q_first.weight, pristine + 0.5)
-    assert torch.equal(q_second.weight, pristine) and torch.equal(load_member(cfg, "exit-2").model.get_submodule(
+    assert torch.equal(q_second.weight, pristine) and torch.equal(member_from_config(cfg, "exit-2").model.get_submodule(
         "model.layers.0.self_attn.q_proj").weight, pristine)

@@ -59,6 +59,37 @@ def test_run_layers_split_equals_one_forward(tiny):
     torch.testing.assert_close(torch.cat(parts, 1), reference, atol=1e-5, rtol=1e-5)
 
 
+def test_row_adaptive_head_equals_nn_linear_and_transformers_generate(tiny):
+    """The LM head's 1-row and few-row kernels give nn.Linear's logits (float summation order aside),
+    keep tied weights tied, follow in-place weight changes, leave training on nn.Linear's path, and
+    generate() answers exactly as before."""
+    from aiflow_fl.layers import RowAdaptiveHead, use_row_adaptive_head
+
+    ids = torch.randint(3, 500, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        before = tiny.generate(ids, max_new_tokens=12, do_sample=False)
+    plain = torch.nn.Linear(tiny.config.hidden_size, tiny.config.vocab_size, bias=False)
+    plain.weight = tiny.lm_head.weight
+    use_row_adaptive_head(tiny)
+    use_row_adaptive_head(tiny)  # idempotent
+    head = tiny.lm_head
+    assert isinstance(head, RowAdaptiveHead) and not isinstance(head.weight, RowAdaptiveHead)
+    assert head.weight is tiny.get_input_embeddings().weight or not tiny.config.tie_word_embeddings
+    with torch.no_grad():
+        for shape in [(1, 1, head.in_features), (1, 4, head.in_features), (2, 2, head.in_features), (1, 9, head.in_features)]:
+            x = torch.randn(shape)
+            assert torch.allclose(head(x), plain(x), atol=1e-5), shape
+        x = torch.randn(1, 1, head.in_features)
+        head.weight.mul_(2.0)  # the transposed copy is refreshed after an in-place change
+        assert torch.allclose(head(x), plain(x), atol=1e-5)
+        head.weight.mul_(0.5)
+    with torch.inference_mode():
+        assert torch.equal(tiny.generate(ids, max_new_tokens=12, do_sample=False), before)
+    x = torch.randn(1, 1, head.in_features, requires_grad=True)
+    head(x).sum().backward()  # training: nn.Linear's path, gradients reach the shared weight
+    assert head.weight.grad is not None and x.grad is not None
+
+
 def test_cli_bad_key_is_one_paragraph_not_a_traceback():
     proc = subprocess.run([*AIFLOW, "config", "federation.round=3"], capture_output=True, text=True)
     assert proc.returncode == 2
@@ -83,6 +114,22 @@ def test_bench_harness_lists_and_rejects_unknown():
     assert "smoke" in available()
     with pytest.raises(AiflowError, match="smoke"):
         run_benchmark("no-such-bench", quick=True)
+
+
+def test_benchmarks_import_under_a_name_opacus_does_not_take(tmp_path):
+    """opacus installs a top-level ``benchmarks`` package; ours is ``aiflow_benchmarks`` (the folder
+    benchmarks/), importable by name in a fresh interpreter started elsewhere."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    code = "import aiflow_benchmarks.smoke as m, aiflow_fl.bench as b; print(m.__file__); print(b._load('smoke') is m)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(root / "benchmarks" / "smoke.py"), "True"]
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from test_specdec import one_thread, reference, scrambled  # noqa: F401  (one_th
 from aiflow_fl.config import load_config
 from aiflow_fl.errors import AiflowError
 from aiflow_fl.serving.commands import build_chain, check_tiers, parse_remote, start_server, stop_server
-from aiflow_fl.serving.members import early_exit_model
+from aiflow_fl.family.member import early_exit_member
 
 
 @pytest.fixture(scope="module")
@@ -49,22 +49,29 @@ def test_remote_chains_equal_generate_of_last_verifier(model_dir, servers):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    edge_model = early_exit_model(model, 4)
+    edge_model = early_exit_member(model, "exit-4").model
     ids = torch.randint(3, 500, (1, 9), generator=torch.Generator().manual_seed(2))
+    # familial reuse is a property of chains whose last tier may resume from hidden states: cost-aware
+    # drafting (the default) makes the last tier read token ids so it can decode alone (checked below)
     for reuse in (True, False):
-        cfg = config(model_dir, f"serving.reuse={reuse}", "serving.draft_len=3", "serving.cloud_block=4", "serving.exits=[2]")
+        cfg = config(model_dir, f"serving.reuse={reuse}", "serving.draft_len=3", "serving.cloud_block=4", "serving.exits=[2]",
+                     "serving.cost_aware=false")
         chain, _ = build_chain(cfg, ["device", "edge"], remote={"edge": servers["edge"]})
         assert chain.generate(ids, 20).tokens == reference(edge_model, ids, 20)
         assert chain.slots[1].tier.entry == (2 if reuse else 0)
-        cfg = config(model_dir, f"serving.reuse={reuse}", "serving.draft_len=3", "serving.cloud_block=4")
+        cfg = config(model_dir, f"serving.reuse={reuse}", "serving.draft_len=3", "serving.cloud_block=4", "serving.cost_aware=false")
         chain, _ = build_chain(cfg, ["device", "edge", "cloud"], remote={"edge": servers["edge"], "cloud": servers["cloud"]})
         result = chain.generate(ids, 20)
         assert result.tokens == reference(model, ids, 20), reuse
         sent = chain.slots[2].tier.bytes_sent
         assert sent > 0 and (sent > 20 * 4 * model.config.hidden_size) == reuse  # hidden states vs token ids
+    default, _ = build_chain(config(model_dir, "serving.exits=[2]"), ["device", "edge"], remote={"edge": servers["edge"]})
+    assert default.cost_aware and default.slots[1].tier.entry == 0  # the remote last tier can decode alone
+    assert default.generate(ids, 20).tokens == reference(edge_model, ids, 20)
     # sampling: the remote verifier's probabilities cross the wire as float32, so with the same seed
-    # the multi-process chain samples exactly what the in-process one does
-    sampled = config(model_dir, "serving.temperature=1.0", "serving.seed=3", "serving.exits=[2]")
+    # the multi-process chain samples exactly what the in-process one does (fixed draft lengths: cost-aware
+    # ones follow each run's measured timings, so the random stream would be drawn in other rounds)
+    sampled = config(model_dir, "serving.temperature=1.0", "serving.seed=3", "serving.exits=[2]", "serving.cost_aware=false")
     local, _ = build_chain(sampled, ["device", "cloud"])
     remote_chain, _ = build_chain(sampled, ["device", "cloud"], remote={"cloud": servers["cloud"]})
     assert remote_chain.generate(ids, 12).tokens == local.generate(ids, 12).tokens

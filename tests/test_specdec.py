@@ -23,7 +23,7 @@ from aiflow_fl.serving.acceptance import (
 )
 from aiflow_fl.serving.build import local_chain
 from aiflow_fl.serving.link import Link
-from aiflow_fl.serving.members import Member, early_exit_members, early_exit_model
+from aiflow_fl.family.member import early_exit_member, early_exit_members
 
 
 def scrambled(arch: str, layers: int = 6, vocab: int = 512, std: float = 0.08, seed: int = 1, embed_std: float = 0.02):
@@ -229,46 +229,51 @@ def test_sampling_chain_matches_the_verifier_distribution():
     for tiers in ([members[0], members[2]], members):
         chain = local_chain(tiers, draft_len=3, temperature=temperature, eos_token_ids=[], seed=11, blocks=[1, 2][: len(tiers) - 1])
         first, second = torch.zeros(48), torch.zeros(48)
+        accepted = drafted = 0
         for _ in range(runs):
-            tokens = chain.generate(ids, 2).tokens
-            first[tokens[0]] += 1
-            second[tokens[1]] += 1
+            result = chain.generate(ids, 2)
+            first[result.tokens[0]] += 1
+            second[result.tokens[1]] += 1
+            accepted += result.stats["tiers"][1]["accepted"]
+            drafted += result.stats["tiers"][1]["drafted"]
         assert chi2_pvalue(first, p1) > 1e-3 and chi2_pvalue(second, p2) > 1e-3
         assert chi2_pvalue(first, q1) < 1e-6  # power: the draft's own distribution is rejected
-        assert 0 < chain.slots[1].accepted < chain.slots[1].drafted  # both branches of the rule ran
+        assert 0 < accepted < drafted  # both branches of the rule ran
 
 
-def test_early_exit_model_shares_weights_and_bad_exits_raise():
+def test_early_exit_member_shares_weights_and_bad_exits_raise():
     model = tiny_model("llama", num_layers=4)
-    small = early_exit_model(model, 2)
+    small = early_exit_member(model, "exit-2").model
     assert small.config.num_hidden_layers == 2 and small.model.layers[1] is model.model.layers[1]
     assert small.lm_head is model.lm_head
     with pytest.raises(AiflowError, match="outside 1..4"):
-        early_exit_model(model, 5)
+        early_exit_member(model, "exit-5")
     with pytest.raises(AiflowError, match="strictly increasing"):
         early_exit_members(model, [3, 2])
     with pytest.raises(AiflowError, match="1 to 3"):
-        local_chain([Member("full", model, 4)] * 4)
+        local_chain([early_exit_member(model, "full")] * 4)
 
 
 def test_family_members_chain_equals_generate_of_the_full_member(tmp_path, tokenizer):
     """Real EESB members from a family folder (branch layers, whitened SVD): device -> edge -> full,
     with and without familial reuse, equals generate() of the full member; default member choice."""
     from aiflow_fl.config import FamilyConfig, load_config
-    from aiflow_fl.family.family import family_from_backbone, load_member
+    from aiflow_fl.family.family import family_from_backbone
+    from aiflow_fl.family.member import load_family_member
     from aiflow_fl.serving.commands import build_chain
 
     model = scrambled("llama", std=0.05)  # 512-id vocabulary; the tokenizer is only stored, never used
     batches = [torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(i)) for i in range(2)]
     family = family_from_backbone(model, tokenizer, FamilyConfig(kind="eesb", exits=[2, 4], ratios=[0.5, 0.5]), batches=batches)
     folder = family.save(tmp_path / "family")
-    full = load_member(folder, "full")[0]
+    full = load_family_member(folder, "full").model
     ids = torch.randint(3, 500, (1, 8), generator=torch.Generator().manual_seed(9))
-    for reuse in (True, False):
-        cfg = load_config([f"serving.reuse={reuse}", "serving.draft_len=3", "serving.cloud_block=3"])
+    for reuse, cost_aware in [(True, False), (False, False), (True, True)]:
+        cfg = load_config([f"serving.reuse={reuse}", f"serving.cost_aware={cost_aware}", "serving.draft_len=3", "serving.cloud_block=3"])
         chain, _ = build_chain(cfg, ["device", "edge", "cloud"], family=str(folder))
         assert [s.tier.name for s in chain.slots] == ["eesb-0", "eesb-1", "full"]
-        assert [s.tier.entry for s in chain.slots] == ([0, 2, 4] if reuse else [0, 0, 0])
+        # cost-aware (the default): the last tier reads token ids, so it can decode alone
+        assert [s.tier.entry for s in chain.slots] == ([0, 2, 0] if cost_aware else [0, 2, 4] if reuse else [0, 0, 0])
         assert chain.generate(ids, 16).tokens == reference(full, ids, 16)
 
 
@@ -325,8 +330,9 @@ def test_verify_costs_fit_a_line():
 
 
 def test_cost_aware_chains_are_lossless_and_decode_alone_when_drafts_do_not_pay():
-    """Bad drafts (scrambled weights) from token ids: the policy drops to draft length 0 (the
-    verifier alone), re-probes drafting every few tokens, and the output stays generate()'s."""
+    """Bad drafts (scrambled weights) from token ids: a cost-aware chain starts with the verifier alone,
+    probes drafting for a short window, measures that it loses and goes back to the verifier alone
+    (probing again later, less often); the output stays generate()'s throughout."""
     model = scrambled("llama")
     members = early_exit_members(model, [3, 4])
     for seed in (0, 1):
@@ -335,15 +341,38 @@ def test_cost_aware_chains_are_lossless_and_decode_alone_when_drafts_do_not_pay(
         chain = local_chain([members[0], members[2]], reuse=False, draft_len=3, eos_token_ids=[], cost_aware=True, probe_every=4)
         assert chain.generate(ids, 40).tokens == expected
         log = chain.policy_log
-        assert 0 in log and 2 in log[log.index(0):]  # went solo, then probed again
+        assert log[0] == 3 and 0 in log and chain.preferred_mode == 0  # probed drafting, measured it losing, went back
+        assert chain.probe_gap > 1  # and probes less often since
+        stats = chain.stats()
+        assert stats["preferred"] == "last tier alone" and all(v > 0 for v in stats["measured_tokens_per_s"].values())
         for reuse, tiers in [(True, [members[0], members[2]]), (True, members), (False, members)]:
             other = local_chain(tiers, reuse=reuse, draft_len=2, eos_token_ids=[], cost_aware=True, probe_every=3,
                                 blocks=[1, 3][: len(tiers) - 1])
             assert other.generate(ids, 40).tokens == expected, (reuse, len(tiers))
-            if reuse:
-                assert min(other.policy_log) >= 1  # a verifier resuming from the device needs the device
+            assert other.slots[-1].tier.entry == 0  # the last tier reads token ids: it can decode alone
+            assert 2 in other.policy_log and other.preferred_mode == 0  # and it does: these drafts do not pay
     with pytest.raises(AiflowError, match="cost_aware"):
         local_chain(members[:2], cost_aware=True, pipelined=True)
+
+
+def test_cost_aware_chains_switch_to_drafting_when_it_pays():
+    """A cheap draft that is always right (layers after the first pass the residual stream through:
+    their output projections are zero, so exit 1 predicts exactly the full model's tokens) and a
+    verifier of many layers: the measured probe wins, the chain keeps drafting across generate()
+    calls, and the output is generate()'s."""
+    model = tiny_model("llama", num_layers=12, vocab_size=512, seed=3)
+    with torch.no_grad():
+        for layer in model.model.layers[1:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    device, full = early_exit_members(model, [1])
+    ids = torch.randint(3, 500, (1, 7), generator=torch.Generator().manual_seed(0))
+    expected = reference(model, ids, 48)
+    chain = local_chain([device, full], reuse=False, draft_len=4, max_draft=8, eos_token_ids=[], cost_aware=True, probe_every=8)
+    assert chain.generate(ids, 48).tokens == expected
+    assert chain.preferred_mode == 1 and chain.stats()["preferred"] == "drafting"
+    second = chain.generate(ids, 48)  # a second call starts drafting at once (probing the verifier alone now and then)
+    assert second.tokens == expected and second.stats["tiers"][1]["accepted"] >= 24 and chain.preferred_mode == 1
 
 
 def test_confidence_gated_three_tier_chains_never_stall():
@@ -359,3 +388,18 @@ def test_confidence_gated_three_tier_chains_never_stall():
                 chain = local_chain(members, draft_len=3, adaptive=True, confidence=0.9, pipelined=pipelined,
                                     blocks=[1, 6], eos_token_ids=[])
                 assert chain.generate(ids, n).tokens == expected[:n], (seed, pipelined, n)
+
+
+def test_stats_describe_one_generate_call_not_the_sum_of_all():
+    """Regression: accepted/drafted/calls/bytes kept adding up across generate() calls. The same
+    prompt twice must report the same counts, equal to a fresh chain's."""
+    model = scrambled("llama")
+    members = early_exit_members(model, [3])
+    ids = torch.randint(3, 500, (1, 7), generator=torch.Generator().manual_seed(5))
+    chain = local_chain(members, draft_len=3, eos_token_ids=[])
+    first = chain.generate(ids, 16).stats["tiers"][1]
+    second = chain.generate(ids, 16).stats["tiers"][1]
+    fresh = local_chain(members, draft_len=3, eos_token_ids=[]).generate(ids, 16).stats["tiers"][1]
+    for key in ("accepted", "drafted", "calls", "bytes_up", "bytes_down", "messages", "mean_accepted_len"):
+        assert first[key] == second[key] == fresh[key], key
+    assert first["drafted"] > 0 and first["calls"] > 0

@@ -19,7 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageTy
 from aiflow_fl.aggregation import AdapterUpdate, LoraFactors, lowrank
 from aiflow_fl.config import load_config
 from aiflow_fl.errors import AiflowError
-from aiflow_fl.protocol import BASE, LORA, METRICS, NUM_EXAMPLES, PROFILE, arrays_to_update, update_to_arrays
+from aiflow_fl.protocol import BASE, CONFIG, EDGE_BASE, LORA, METRICS, NUM_EXAMPLES, PROFILE, arrays_to_update, device_start, update_to_arrays
 from strategies import STRATEGIES, Hierarchical, build_strategy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,22 +107,109 @@ def test_faulty_replies_are_excluded_and_too_few_is_an_error(task_identity) -> N
         strategy.aggregate_train(2, [good[0]] + bad)
 
 
-def test_per_node_messages_carry_only_the_nodes_keys(task_identity) -> None:
+def device_side(strategy, node_id: int, rank: int, alpha: float = 4.0, held: dict | None = None, held_version: int = -1):
+    """What a node is sent (``node_content``) and what it starts from by the protocol's device side."""
+    content, view = strategy.node_content(node_id, ConfigRecord())
+    strategy._sent[node_id] = view  # what configure_train records for the node
+    config = content[CONFIG]
+    layers = lambda name: arrays_to_update(content[name]).layers if name in content else {}  # noqa: E731
+    start = device_start(
+        held_base=held or {}, held_version=held_version, base=layers(BASE), base_mode=config["base-mode"],
+        base_from=int(config["base-from"]), base_version=int(config["base-version"]), edge_base=layers(EDGE_BASE),
+        adapter=layers(LORA), truncation=config["truncation"], fold_remainder=bool(config["fold-remainder"]),
+        reinit_lora=bool(config["reinit-lora"]), rank=rank, alpha=alpha,
+    )
+    return content, start
+
+
+def test_messages_carry_only_the_nodes_keys_and_every_node_starts_from_the_server_model(task_identity) -> None:
     strategy = build_strategy(load_config(["strategy=fedexlora"]))
     from aiflow_fl import comm
 
     strategy._round = {"bytes": {link: 0 for link in comm.LINKS}, "down": {}, "up": {}, "t0": 0.0}
     strategy.aggregate_train(1, [reply(1, factors(1)), reply(2, factors(2, keys=KEYS[:1], rank=4), rank=4)])
-    base, lora, _ = strategy.node_records(2)
-    assert {k.split("::")[0] for k in lora.keys()} == {KEYS[0]}
-    assert {k.split("::")[0] for k in base.keys()} <= {KEYS[0]}
-    assert all(arrays_to_update(lora).layers[k].rank == 4 for k in [KEYS[0]])
-    # a node never heard of gets every key, the whole model in its base and no LoRA
-    base, lora, extra = strategy.node_records(99)
-    assert len(lora) == 0 and {k.split("::")[0] for k in base.keys()} == set(KEYS)
-    start = lowrank.dense(arrays_to_update(base).layers)
+    content, start = device_side(strategy, 2, rank=4)
+    assert {k.split("::")[0] for k in content[LORA].keys()} == {KEYS[0]}
+    assert {k.split("::")[0] for k in (content[BASE].keys() if BASE in content else [])} <= {KEYS[0]}
+    assert all(f.rank == 4 for f in start.lora.values())
     server = lowrank.dense(strategy.merged())
-    assert all(torch.allclose(start[k], server[k], atol=1e-4) for k in KEYS)
+    # a node never heard of gets every key; whatever its rank, it starts from exactly the server's model
+    for rank in (1, 2, 8):
+        content, start = device_side(strategy, 99, rank=rank)
+        assert {k.split("::")[0] for k in content[LORA].keys()} == set(KEYS)
+        model = lowrank.dense(lowrank.add([start.fold, {k: f for k, f in start.lora.items()}]))
+        assert all(torch.allclose(model[k], server[k], atol=1e-4) for k in KEYS), rank
+
+
+def test_downlink_sends_the_change_of_the_base_not_the_cumulative_base(task_identity) -> None:
+    """FedEx-LoRA folds a residual into the base every round. From round 2 on, a node that holds the
+    base of the round before receives only the last round's change (in round 2 that is all the base
+    there is); from round 3 on, the bytes of that change (the real serialized record) are fewer than
+    those of the cumulative base, and the node still holds exactly the server's cumulative base."""
+    from aiflow_fl import comm
+
+    strategy = build_strategy(load_config(["strategy=fedexlora", "federation.ranks=[2]"]))
+    nodes = {1: None, 2: None, 3: None}  # node -> (held base, version)
+    gen = torch.Generator().manual_seed(5)  # the devices' "training": new directions every round
+    for rnd in (1, 2, 3, 4):
+        strategy._round = {"bytes": {link: 0 for link in comm.LINKS}, "down": {}, "up": {}, "t0": 0.0}
+        replies, sizes = [], {}
+        for n in nodes:
+            held, version = nodes[n] or ({}, -1)
+            content, start = device_side(strategy, n, rank=2, held=held, held_version=version)
+            sizes[n] = (comm.serialized_bytes(RecordDict({BASE: content[BASE]} if BASE in content else {})), comm.serialized_bytes(content))
+            assert content[CONFIG]["base-mode"] == ("replace" if rnd == 1 else "add"), rnd
+            nodes[n] = (start.held_base, start.base_version)
+            trained = {k: LoraFactors(f.A + torch.randn(f.A.shape, generator=gen), f.B + torch.randn(f.B.shape, generator=gen), f.scaling)
+                       for k, f in start.lora.items()} or factors(n, out=64, inp=48)
+            r = reply(n, trained, n=10 * n)
+            r.content[PROFILE]["base-version"] = start.base_version
+            replies.append(r)
+        if rnd >= 3:
+            cumulative = comm.serialized_bytes(RecordDict({BASE: update_to_arrays(AdapterUpdate(strategy.base, 0))}))
+            assert all(base < cumulative for base, _ in sizes.values()), (rnd, sizes, cumulative)
+            # the whole message too is smaller than one carrying the cumulative base (the previous protocol)
+            assert all(total - base + cumulative > total for base, total in sizes.values())
+            # and the base the node holds is the server's cumulative base, exactly
+            held = lowrank.dense(nodes[1][0])
+            server = lowrank.dense(strategy.base)
+            assert all(torch.allclose(held[k], server[k], atol=1e-4) for k in KEYS)
+        strategy.aggregate_train(rnd, replies)
+
+
+def test_the_global_adapter_keeps_its_rank_and_lean_downlink_is_no_larger_than_uplink(task_identity) -> None:
+    """FlexLoRA's exact product of k rank-r updates has rank k·r; the cloud cuts it back to the
+    configured rank every round. exact: the cut goes into the base (the model is unchanged); lean: it is
+    dropped, and a node's message is then no larger than its reply."""
+    from aiflow_fl import comm
+
+    cumulative_bytes: dict[str, int] = {}
+    for downlink in ("exact", "lean"):
+        strategy = build_strategy(load_config(["strategy=flexlora", "federation.ranks=[2]", f"federation.downlink={downlink}"]))
+        for rnd in (1, 2, 3):
+            strategy._round = {"bytes": {link: 0 for link in comm.LINKS}, "down": {}, "up": {}, "t0": 0.0}
+            replies = [reply(n, factors(n + 10 * rnd)) for n in (1, 2, 3)]
+            reference = {k: sum(f[k].delta().double() for f in [factors(n + 10 * rnd) for n in (1, 2, 3)]) / 3 for k in KEYS}
+            before = lowrank.dense(strategy.merged()) if strategy.cloud else {k: 0.0 for k in KEYS}
+            strategy._sent = {}
+            strategy.aggregate_train(rnd, replies)
+            assert all(f.rank == 2 for f in strategy.cloud.adapter.values()), (downlink, rnd)
+            if downlink == "exact" and rnd == 1:  # nothing was lost: the merge is the exact mean
+                merged = lowrank.dense(strategy.merged())
+                assert all(torch.allclose(merged[k], reference[k], atol=1e-4) for k in KEYS)
+            assert before is not None
+        content, _ = device_side(strategy, 1, rank=2)
+        # the arrays each way, serialized as Flower sends them (the config and profile records are
+        # a fixed few dozen bytes that do not grow with the model)
+        down = comm.serialized_bytes(RecordDict({name: content[name] for name in (BASE, EDGE_BASE, LORA) if name in content}))
+        up = comm.serialized_bytes(RecordDict({LORA: replies[0].content[LORA]}))
+        assert (down <= up) == (downlink == "lean"), (downlink, down, up)
+        cumulative_bytes[downlink] = comm.serialized_bytes(RecordDict({BASE: update_to_arrays(AdapterUpdate(strategy.base, 0))}))
+        if downlink == "lean":  # the whole message of round 4 is smaller than the exact run's cumulative base alone
+            assert comm.serialized_bytes(content) < cumulative_bytes["exact"], (comm.serialized_bytes(content), cumulative_bytes)
+        state = strategy.state_tensors()
+        assert {k.split("/")[0] for k in state} <= {"base", "adapter"}
+        assert all(v.shape[0] == 2 for k, v in state.items() if k.startswith("adapter/") and k.endswith("::A"))
 
 
 def test_real_flower_simulation_hierarchical_edge_rounds() -> None:
@@ -161,7 +248,8 @@ def test_real_flower_simulation_hierarchical_edge_rounds() -> None:
                 server_model = arrays_to_update(arrays).layers
                 seen["models"][rnd] = {e: server_model for e in strategy.edges}
             else:
-                seen["models"][rnd] = {e: lowrank.add([edge.base(), edge.last.adapter]) for e, edge in strategy.edges.items()}
+                # the cloud's cumulative base (it holds what the global-rank cut left out), the edge's, its adapter
+                seen["models"][rnd] = {e: lowrank.add([dict(strategy.base), edge.base(), edge.last.adapter]) for e, edge in strategy.edges.items()}
             return None
 
         seen["result"] = strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=2, evaluate_fn=evaluate_fn)
@@ -209,12 +297,11 @@ def test_ffa_shares_a_after_the_first_round_and_stays_exact(task_identity) -> No
     replies, expected = [], {k: torch.zeros(6, 5, dtype=torch.float64) for k in KEYS}
     gen = torch.Generator().manual_seed(11)
     for n, r in ranks.items():
-        base, lora, extra = strategy.node_records(n)
-        strategy._sent_extra[n] = extra  # what configure_train records for the node
-        received = arrays_to_update(lora).layers
+        _, start_point = device_side(strategy, n, rank=r)
+        received = start_point.lora
         trained = {k: LoraFactors(f.A.clone(), torch.randn(6, r, generator=gen), f.scaling) for k, f in received.items()}
         replies.append(reply(n, trained, n=10 * n, rank=r))
-        start = lowrank.dense(arrays_to_update(base).layers)
+        start = lowrank.dense(start_point.fold)
         for k in KEYS:  # the device's model minus the shared base: its base extra plus its trained LoRA
             expected[k] += (10 * n / 30) * (start[k] - base_after_1[k] + trained[k].delta().double())
     strategy.aggregate_train(2, replies)

@@ -1,4 +1,4 @@
-"""Edge-then-cloud composition of aggregations (pure math; the stateful edge is ``server/edge.py``).
+"""Edge-then-cloud composition of aggregations (pure math; the stateful edge is ``strategies/edge.py``).
 
 An edge runs the cloud's method on its own devices and sends the cloud **one** low-rank update: the
 exact factors of everything it merged in this cloud round (the bases it accumulated over its

@@ -17,6 +17,16 @@ import torch
 _PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 
 
+def factor_shape_problem(A: torch.Tensor, B: torch.Tensor) -> str:
+    """Why (A, B) is not a LoRA pair (A: r×in, B: out×r), or "" when it is one."""
+    if A.ndim != 2 or B.ndim != 2:
+        return f"LoRA factors must be 2-D, got A{tuple(A.shape)} and B{tuple(B.shape)}"
+    if A.shape[0] != B.shape[1]:
+        return (f"LoRA factors disagree on the rank: A{tuple(A.shape)} has {A.shape[0]} rows but B{tuple(B.shape)} "
+                f"has {B.shape[1]} columns (A is r×in, B is out×r; swapped factors look like this)")
+    return ""
+
+
 @dataclass
 class LoraFactors:
     """One linear's low-rank update ΔW = scaling · B @ A."""
@@ -24,6 +34,21 @@ class LoraFactors:
     A: torch.Tensor  # (r, in_features)
     B: torch.Tensor  # (out_features, r)
     scaling: float
+
+    def __post_init__(self) -> None:
+        # A pair whose ranks disagree would otherwise surface later as a raw torch matmul error (or be
+        # zero-padded silently by the factor-averaging methods).
+        problem = factor_shape_problem(self.A, self.B)
+        if problem:
+            raise ValueError(problem)
+
+    @property
+    def out_features(self) -> int:
+        return self.B.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.A.shape[1]
 
     @property
     def rank(self) -> int:
@@ -45,6 +70,29 @@ class AdapterUpdate:
     # Examples behind each key when they differ per key (an edge's merge of members of different
     # depths); None: every key has ``num_examples``.
     key_examples: dict[str, int] | None = None
+
+    def __post_init__(self) -> None:
+        for key, f in self.layers.items():
+            if not isinstance(f, LoraFactors):
+                raise ValueError(f"update key '{key}' holds a {type(f).__name__}, not LoraFactors")
+
+    def check_shapes(self, known: dict[str, tuple[int, int]] | None = None) -> None:
+        """Raise ValueError, naming the key and the shapes, when a layer's factors cannot be a LoRA
+        update of that module: (out, in) differs from ``known[key]`` (the module's shape), or the rank
+        exceeds min(out, in) — what a pair with A and B swapped looks like on a square module, where the
+        ranks happen to agree (A: out×r read as r'×in with r' = out)."""
+        for key, f in self.layers.items():
+            shape = (f.out_features, f.in_features)
+            if known is not None and key in known and known[key] != shape:
+                raise ValueError(
+                    f"module '{key}': factors A{tuple(f.A.shape)} B{tuple(f.B.shape)} give a {shape} update, but the "
+                    f"module is {known[key]} (A must be r×in, B out×r)"
+                )
+            if f.rank > min(shape):
+                raise ValueError(
+                    f"module '{key}': rank {f.rank} from A{tuple(f.A.shape)} B{tuple(f.B.shape)} exceeds "
+                    f"min(out, in) = {min(shape)}: A and B look swapped (A must be r×in, B out×r)"
+                )
 
     def examples_for(self, key: str) -> int:
         """The aggregation weight of this update for one key (layer alignment)."""
@@ -71,6 +119,9 @@ def from_peft_state_dict(state: dict[str, torch.Tensor], alpha: float, **kwargs)
     for module, pair in factors.items():
         if set(pair) != {"A", "B"}:
             raise ValueError(f"LoRA state for '{module}' has {sorted(pair)} but needs both A and B.")
+        problem = factor_shape_problem(pair["A"], pair["B"])
+        if problem:
+            raise ValueError(f"module '{module}': {problem}")
         layers[module] = LoraFactors(pair["A"], pair["B"], alpha / pair["A"].shape[0])
     return AdapterUpdate(layers=layers, **kwargs)
 

@@ -52,8 +52,11 @@ def partition_indices(
     alpha: float = 0.5,
     classes_per_partition: int = 2,
     seed: int = 0,
+    only: int | None = None,
 ) -> list[list[int]]:
-    """Row indices of each of ``num_partitions`` partitions, by a flwr-datasets partitioner."""
+    """Row indices of each of ``num_partitions`` partitions, by a flwr-datasets partitioner
+    (``only``: just that partition's, as a one-element list; with ``iid`` its cost then does not grow
+    with the number of partitions, which matters for simulations of thousands of devices)."""
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
 
@@ -89,11 +92,12 @@ def partition_indices(
         raise AiflowError(f"data.partitioner is '{partitioner}', which is not one of: {', '.join(PARTITIONERS)}.")
     # Chunks arrive sorted by domain and IidPartitioner shards contiguously: shuffle first.
     part.dataset = Dataset.from_dict({"domain": list(domains), "row": list(range(n))}).shuffle(seed=seed)
+    wanted = range(num_partitions) if only is None else [only]
     try:
         with warnings.catch_warnings():
             # PathologicalPartitioner warns that some domains go unused when devices x classes < domains.
             warnings.simplefilter("ignore", UserWarning)
-            return [sorted(part.load_partition(i)["row"]) for i in range(num_partitions)]
+            return [sorted(part.load_partition(i)["row"]) for i in wanted]
     except ValueError as exc:
         raise AiflowError(
             f"The {partitioner} partitioner could not split {n} chunks of {len(set(domains))} domains into "
@@ -143,8 +147,8 @@ def device_data(
     if not 0 <= partition_id < num_partitions:
         raise AiflowError(f"partition-id is {partition_id}; it must be in [0, {num_partitions - 1}] (num-partitions={num_partitions}).")
     train, heldout = split_heldout(chunks, heldout_fraction, seed)
-    parts = partition_indices(train.domains, num_partitions, partitioner, alpha, classes_per_partition, seed)
-    mine = train.subset(parts[partition_id])
+    (rows,) = partition_indices(train.domains, num_partitions, partitioner, alpha, classes_per_partition, seed, only=partition_id)
+    mine = train.subset(rows)
     my_domains = set(mine.domains)
     held = heldout.subset([i for i, d in enumerate(heldout.domains) if d in my_domains])
     return DeviceData(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from transformers import PretrainedConfig
 
 from aiflow_fl.errors import AiflowError
-from aiflow_fl.family.members import MemberSpec, check_architecture_config, check_exit, count_member, linear_shapes, skeleton
+from aiflow_fl.family.spec import MemberSpec, check_architecture_config, check_exit, count_member, linear_shapes, skeleton
 from aiflow_fl.family.svd import check_ratio, rank_for_ratio
 
 

@@ -9,42 +9,23 @@ import typer
 family_app = typer.Typer(help="Build, inspect and evaluate familial models (EESB / HPCD).", no_args_is_help=True)
 
 
-def training_batches(tokenizer, seq_len: int, batch_size: int, source: str = "pydoc", seed: int = 0):
-    """Endless random batches from the training side of the data split (held-out text never used)."""
-    import torch
-
-    from aiflow_fl.data.partition import split_heldout
-    from aiflow_fl.data.sources import load_chunks
-
-    train, _ = split_heldout(load_chunks(source, tokenizer, seq_len), 0.1, seed)
-    generator = torch.Generator().manual_seed(seed + 1)
-    while True:
-        for index in torch.randperm(len(train), generator=generator).split(batch_size):
-            if len(index) == batch_size:
-                yield train.input_ids[index]
-
-
-def heldout_batches(tokenizer, seq_len: int, batch_size: int, limit: int, source: str = "pydoc", seed: int = 0):
-    """The first ``limit`` held-out chunks, in batches."""
-    from aiflow_fl.data.partition import split_heldout
-    from aiflow_fl.data.sources import load_chunks
-
-    _, heldout = split_heldout(load_chunks(source, tokenizer, seq_len), 0.1, seed)
-    rows = heldout.input_ids[:limit]
-    return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-
-
 def _members_table(rows: list[dict], title: str, extra: list[str] = ()):  # type: ignore[assignment]
+    """Members as a table that stays readable in 80 columns (parameters in millions; with ``extra``
+    columns, the memory columns give way to them)."""
     from rich.table import Table
 
-    table = Table(title=title)
-    for col in ["member", "kind", "exit / k", "ratio", "parameters", "MiB", "params %", "block params %", *extra]:
-        table.add_column(col)
+    table = Table(title=title, title_justify="left")
+    base = ["member", "kind", "exit/k", "ratio", "params M", "% params"]
+    if extra:
+        base.remove("kind")  # the member's name says it; the figures need the room
+    columns = [*base, *extra] if extra else [*base, "MiB", "% block"]
+    for col in columns:
+        table.add_column(col, no_wrap=col == "member", justify="left" if col in ("member", "kind") else "right")
     for r in rows:
         where = r["components"] if r["kind"] == "hpcd" else r["exit"]
-        cells = [r["name"], r["kind"], str(where), f"{r['ratio']:.3f}", f"{r['num_parameters']:,}",
-                 f"{r['num_bytes'] / 2**20:.1f}", f"{100 * r['params_fraction']:.1f}", f"{100 * r['block_params_fraction']:.1f}"]
-        cells += [str(r.get(c, "")) for c in extra]
+        cells = [r["name"], *([] if extra else [r["kind"]]), str(where), f"{r['ratio']:.3f}", f"{r['num_parameters'] / 1e6:.1f}",
+                 f"{100 * r['params_fraction']:.1f}"]
+        cells += [str(r.get(c, "")) for c in extra] if extra else [f"{r['num_bytes'] / 2**20:.1f}", f"{100 * r['block_params_fraction']:.1f}"]
         table.add_row(*cells)
     return table
 
@@ -53,25 +34,35 @@ def build_family(cfg, console=None):
     """Calibrate, decompose, train what the config asks for, save; returns the saved Family."""
     import time
 
+    from aiflow_fl.family.batches import training_batches
     from aiflow_fl.family.family import family_from_backbone
     from aiflow_fl.family.train import branch_batches, train_branches, train_hpcd
     from aiflow_fl.models import load_backbone
 
+    from rich.console import Console
+
+    from aiflow_fl.progress import stage
+
+    console = console or Console()
     start = time.perf_counter()
-    loaded = load_backbone(cfg.model.name)
-    family = family_from_backbone(loaded.model, loaded.tokenizer, cfg.family)
+    with stage(f"loading the backbone {cfg.model.name}", console):
+        loaded = load_backbone(cfg.model.name)
+    with stage(f"calibration ({cfg.family.calibration_samples} sequences) and whitened-SVD decomposition", console):
+        family = family_from_backbone(loaded.model, loaded.tokenizer, cfg.family)
     tcfg = cfg.family.branch_training
     if tcfg.steps > 0 and any(s.kind == "eesb" for s in family.members.values()):
-        batches = branch_batches(loaded.model, loaded.tokenizer, tcfg, cfg.data.source, cfg.run.seed)
-        train_branches(family, batches, tcfg)
+        with stage(f"branch training ({tcfg.steps} steps, data={tcfg.data})", console):
+            batches = branch_batches(loaded.model, loaded.tokenizer, tcfg, cfg.data.source, cfg.run.seed)
+            train_branches(family, batches, tcfg)
     if tcfg.hpcd_steps > 0 and family.hpcd_ranks:
-        batches = training_batches(loaded.tokenizer, tcfg.seq_len, tcfg.batch_size, cfg.data.source, cfg.run.seed)
-        train_hpcd(family, batches, tcfg.hpcd_steps, tcfg.lr, tcfg.hpcd_kl_weight, grams=family.grams)
+        with stage(f"HPCD component training ({tcfg.hpcd_steps} steps per component)", console):
+            batches = training_batches(loaded.tokenizer, tcfg.seq_len, tcfg.batch_size, cfg.data.source, cfg.run.seed)
+            train_hpcd(family, batches, tcfg.hpcd_steps, tcfg.lr, tcfg.hpcd_kl_weight, grams=family.grams)
     family.info["total_build_s"] = round(time.perf_counter() - start, 2)
-    folder = family.save(cfg.family.dir)
-    if console is not None:
-        console.print(_members_table(family.describe(), f"family saved to {folder}"))
-        console.print(f"built in {family.info['total_build_s']:.1f} s")
+    with stage(f"saving the family to {cfg.family.dir}", console):
+        folder = family.save(cfg.family.dir)
+    console.print(_members_table(family.describe(), f"family saved to {folder}"))
+    console.print(f"built in {family.info['total_build_s']:.1f} s")
     return family
 
 
@@ -84,7 +75,7 @@ def build(
 
     from aiflow_fl.config import load_config
 
-    build_family(load_config(overrides), Console(width=160))
+    build_family(load_config(overrides), Console())
 
 
 @family_app.command("info")
@@ -101,7 +92,7 @@ def info(folder: Annotated[str, typer.Argument(help="A family folder written by 
     full = next(m for m in members if m["kind"] == "full")
     rows = [m | {"params_fraction": m["num_parameters"] / full["num_parameters"],
                  "block_params_fraction": m["block_parameters"] / full["block_parameters"]} for m in members]
-    console = Console(width=160)
+    console = Console()
     console.print(_members_table(rows, f"family {folder} (backbone {description.get('backbone') or '?'}, {description['num_layers']} layers)"))
     size = (Path(folder) / TENSORS).stat().st_size
     console.print(f"tensors file: {size / 2**20:.1f} MiB; info: {description.get('info', {})}")
@@ -117,8 +108,10 @@ def evaluate(
     """Perplexity, top-1 accuracy and retention (top-1 / the full member's) of members on held-out text."""
     from rich.console import Console
 
+    from aiflow_fl.family.batches import heldout_batches
     from aiflow_fl.family.evaluate import evaluate_lm
-    from aiflow_fl.family.family import describe_folder, load_member
+    from aiflow_fl.family.family import describe_folder
+    from aiflow_fl.family.member import load_family_member
 
     description = describe_folder(folder)
     names = [m["name"] for m in description["members"]]
@@ -127,10 +120,11 @@ def evaluate(
     rows, full_top1 = [], None
     batches = None
     for name in chosen:
-        model, tokenizer, spec = load_member(folder, name)
+        member = load_family_member(folder, name)
+        spec = member.spec
         if batches is None:
-            batches = heldout_batches(tokenizer, seq_len, 4, samples)
-        scores = evaluate_lm(model, batches)
+            batches = heldout_batches(member.tokenizer, seq_len, 4, samples)
+        scores = evaluate_lm(member.model, batches)
         full_top1 = scores["top1_acc"] if full_top1 is None else full_top1
         full = next(m for m in description["members"] if m["kind"] == "full")
         rows.append(spec.to_dict() | {
@@ -139,4 +133,4 @@ def evaluate(
             "ppl": f"{scores['ppl']:.2f}", "top1": f"{scores['top1_acc']:.3f}",
             "retention": f"{scores['top1_acc'] / full_top1:.3f}",
         })
-    Console(width=180).print(_members_table(rows, f"family {folder} on held-out pydoc text", ["ppl", "top1", "retention"]))
+    Console().print(_members_table(rows, f"family {folder} on held-out pydoc text", ["ppl", "top1", "retention"]))

@@ -10,9 +10,16 @@ Folder format (written to a temporary folder next to the target, then renamed in
                                               (linears as ``…q_proj.us.0`` / ``…q_proj.vs.0``)
                            hpcd.model.layers.{i}.….us.{c} / .vs.{c}   HPCD component c of a linear
     config.json, tokenizer files   the backbone's
+    sha256.json          the SHA-256 of every other file (written last, inside the same atomic rename)
 
-:func:`load_member` opens the safetensors file and reads only the keys (and, for a partial branch,
-only the prefix slices) that one member uses: what a device would download.
+Every read (:func:`describe_folder`, :func:`read_member`, :func:`load_family`: so ``aiflow family info``,
+``eval``, ``generate``, ``serve`` and the clients) first checks the files against ``sha256.json`` and
+refuses a truncated, corrupted or hand-edited folder with one paragraph naming the file and what to
+rebuild (:func:`verify_folder`; once per process while the files' size and mtime stay the same).
+
+:func:`read_member` (behind :func:`aiflow_fl.family.member.load_family_member`, the one way to get a
+:class:`~aiflow_fl.family.member.Member` of a folder) opens the safetensors file and reads only the keys
+(and, for a partial branch, only the prefix slices) that one member uses: what a device would download.
 """
 
 from __future__ import annotations
@@ -20,9 +27,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +38,10 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from aiflow_fl.errors import AiflowError
+from aiflow_fl.files import apply_user_mode, manifest_mismatches, temp_dir_beside, write_manifest
+from aiflow_fl.family.batches import calibration_batches
 from aiflow_fl.family.budget import budget_from_fraction, exit_and_ratio, explicit_eesb, size_model
-from aiflow_fl.family.members import (
+from aiflow_fl.family.spec import (
     _LAYER_PATH,
     LINEAR_NAMES,
     MemberSpec,
@@ -49,6 +58,7 @@ from aiflow_fl.family.svd import calibrate, check_ratio, factorize, rank_for_rat
 FORMAT = 1
 DESCRIPTION = "family.json"
 TENSORS = "tensors.safetensors"
+MANIFEST = "sha256.json"
 
 
 @dataclass
@@ -111,8 +121,7 @@ class Family:
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+        tmp = temp_dir_beside(folder)
         try:
             tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
             save_file(tensors, str(tmp / TENSORS), metadata={"format": "pt", "aiflow_family": str(FORMAT)})
@@ -130,6 +139,8 @@ class Family:
                 "info": self.info,
             }
             (tmp / DESCRIPTION).write_text(json.dumps(description, indent=1))
+            apply_user_mode(tmp)
+            seal_folder(tmp)
             old = None
             if folder.exists():
                 old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
@@ -148,6 +159,45 @@ class Family:
 # ----------------------------------------------------------------------------------------------------
 
 
+def seal_folder(folder: str | Path) -> None:
+    """Record the SHA-256 of the folder's files as they are now in ``sha256.json`` (:meth:`Family.save`
+    does it; call it yourself only after assembling a folder by hand, e.g. a device's partial download)."""
+    folder = Path(folder)
+    write_manifest(folder, [p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST], MANIFEST)
+
+
+_VERIFIED: dict[Path, tuple] = {}  # folder -> (name, size, mtime_ns) of its files when they last matched
+
+
+def _fingerprint(folder: Path) -> tuple:
+    return tuple(sorted((p.name, st.st_size, st.st_mtime_ns) for p in folder.iterdir() if p.is_file() for st in [p.stat()]))
+
+
+def verify_folder(folder: str | Path) -> None:
+    """Check every file of the family folder against its ``sha256.json`` (AiflowError naming the file
+    and what to rebuild otherwise)."""
+    folder = Path(folder).resolve()
+    fingerprint = _fingerprint(folder)
+    if _VERIFIED.get(folder) == fingerprint:
+        return
+    rebuild = (f"Nothing was loaded from it. Rebuild the family with `aiflow family build family.dir={folder}` "
+               "(with the same config as before), or copy the whole folder again from where it was built.")
+    bad = manifest_mismatches(folder, MANIFEST)
+    if bad is None:
+        raise AiflowError(
+            f"The family folder {folder} has no valid {MANIFEST} (the SHA-256 of its files, written when the family "
+            f"is built), so its files cannot be trusted: it was built by an older aiflow-fl, or copied or edited by hand. {rebuild}"
+        )
+    if bad:
+        names = ", ".join(bad)
+        raise AiflowError(
+            f"The family folder {folder} is damaged: {names} {'does' if len(bad) == 1 else 'do'} not match the SHA-256 "
+            f"recorded in {folder / MANIFEST} when the family was built (the file is missing, truncated, corrupted or "
+            f"was changed since). {rebuild}"
+        )
+    _VERIFIED[folder] = fingerprint
+
+
 def _read_description(folder: Path) -> dict[str, Any]:
     path = folder / DESCRIPTION
     if not path.is_file() or not (folder / TENSORS).is_file():
@@ -155,6 +205,7 @@ def _read_description(folder: Path) -> dict[str, Any]:
             f"{folder} is not a family folder: it needs {DESCRIPTION} and {TENSORS}. Build one with "
             "`aiflow family build family.dir=PATH`."
         )
+    verify_folder(folder)
     try:
         description = json.loads(path.read_text())
     except ValueError as exc:
@@ -162,6 +213,20 @@ def _read_description(folder: Path) -> dict[str, Any]:
     if description.get("format") != FORMAT:
         raise AiflowError(f"{path} has format {description.get('format')!r}; this aiflow-fl reads format {FORMAT}.")
     return description
+
+
+@contextmanager
+def _unreadable_tensors(folder: Path) -> Iterator[None]:
+    """Turn safetensors' own errors (a file sealed while broken) into the family's clear error."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as exc:
+        raise AiflowError(
+            f"{folder / TENSORS} cannot be read as safetensors ({exc}); the family folder is corrupt. Rebuild it with "
+            f"`aiflow family build family.dir={folder}`."
+        ) from None
 
 
 def _specs(description: dict[str, Any]) -> dict[str, MemberSpec]:
@@ -173,8 +238,9 @@ def describe_folder(folder: str | Path) -> dict[str, Any]:
     return _read_description(Path(folder))
 
 
-def load_member(folder: str | Path, name: str, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, Any, MemberSpec]:
-    """``(model, tokenizer, spec)`` of one member, reading only the tensors (and slices) it uses."""
+def read_member(folder: str | Path, name: str, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, Any, MemberSpec]:
+    """``(model, tokenizer, spec)`` of one member, reading only the tensors (and slices) it uses.
+    Consumers take :func:`aiflow_fl.family.member.load_family_member`, which wraps this in a Member."""
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -187,19 +253,20 @@ def load_member(folder: str | Path, name: str, dtype: torch.dtype | None = None)
     branch_ranks = {int(k): v for k, v in description["branch_ranks"].items()}
     mapping, ranks = store_keys(spec, config, description["backbone_keys"], branch_ranks, description["hpcd_ranks"])
     tensors = {}
-    with safe_open(str(folder / TENSORS), framework="pt") as fh:
-        available = set(fh.keys())
-        for key, (store, prefix, dim) in mapping.items():
-            if store not in available:
-                raise AiflowError(
-                    f"Member '{name}' needs tensor '{store}', which {folder / TENSORS} lacks; the family folder is "
-                    "incomplete — rebuild it with `aiflow family build`."
-                )
-            if prefix is None:
-                tensors[key] = fh.get_tensor(store)
-            else:
-                part = fh.get_slice(store)
-                tensors[key] = part[:, :prefix] if dim == 1 else part[:prefix]
+    with _unreadable_tensors(folder):
+        with safe_open(str(folder / TENSORS), framework="pt") as fh:
+            available = set(fh.keys())
+            for key, (store, prefix, dim) in mapping.items():
+                if store not in available:
+                    raise AiflowError(
+                        f"Member '{name}' needs tensor '{store}', which {folder / TENSORS} lacks; the family folder is "
+                        "incomplete — rebuild it with `aiflow family build`."
+                    )
+                if prefix is None:
+                    tensors[key] = fh.get_tensor(store)
+                else:
+                    part = fh.get_slice(store)
+                    tensors[key] = part[:, :prefix] if dim == 1 else part[:prefix]
     model = fill(skeleton(config, spec, ranks), tensors, dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if tokenizer.pad_token_id is None:
@@ -215,10 +282,12 @@ def load_family(folder: str | Path) -> Family:
     description = _read_description(folder)
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    with _unreadable_tensors(folder):
+        tensors = load_file(str(folder / TENSORS))
     family = Family(
         config=config,
         tokenizer=tokenizer,
-        tensors=load_file(str(folder / TENSORS)),
+        tensors=tensors,
         members=_specs(description),
         branch_ranks={int(k): v for k, v in description["branch_ranks"].items()},
         hpcd_ranks=description["hpcd_ranks"],
@@ -270,12 +339,12 @@ def add_hpcd(
     if not isinstance(count, int) or count < 1:
         raise AiflowError(f"family.hpcd_components is {count!r}; it must be an integer ≥ 1.")
     check_ratio(ratio, "HPCD component ratio")
-    from rich.progress import Progress
+    from aiflow_fl.progress import progress_bar
 
     wanted = None if layers is None else set(layers)
     keys = [k for k in family.backbone_keys
             if _is_linear_weight(k) and (wanted is None or int(_LAYER_PATH.match(k).group(1)) in wanted)]  # type: ignore[union-attr]
-    with Progress(transient=True) as progress:
+    with progress_bar(transient=True) as progress:
         task = progress.add_task("HPCD components", total=len(keys))
         for key in keys:
             path = key[: -len(".weight")]
@@ -297,18 +366,6 @@ def empty_family(model: PreTrainedModel, tokenizer: Any = None) -> Family:
     family = Family(config=model.config, tokenizer=tokenizer, tensors=tensors)
     family.add(MemberSpec("full", "full", exit=model.config.num_hidden_layers))
     return family
-
-
-def calibration_batches(tokenizer, samples: int, seq_len: int, batch_size: int = 4, source: str = "pydoc", seed: int = 0) -> list[torch.Tensor]:
-    """Token batches for calibration from the *training* side of the data split (never held-out)."""
-    from aiflow_fl.data.partition import split_heldout
-    from aiflow_fl.data.sources import load_chunks
-
-    train, _ = split_heldout(load_chunks(source, tokenizer, seq_len), 0.1, seed)
-    generator = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(len(train), generator=generator)[:samples]
-    rows = train.input_ids[pick]
-    return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
 
 
 def family_from_backbone(
@@ -373,7 +430,9 @@ def family_from_backbone(
 
 
 def head_member(family: Family, exit_layer: int) -> MemberSpec:
-    """The direct-head baseline at ``exit_layer`` (first ``exit_layer`` layers + norm + head)."""
-    check_exit(exit_layer, family.config.num_hidden_layers, kind="head")
-    spec = MemberSpec(f"head-{exit_layer}", "head", exit=exit_layer)
+    """Register the direct-head baseline at ``exit_layer`` (first ``exit_layer`` layers + norm + head):
+    the family's ``exit-{exit_layer}`` member, the same kind ``exit`` as a backbone's early exit
+    (:func:`aiflow_fl.family.member.early_exit_member`); build it with ``load_family_member``."""
+    check_exit(exit_layer, family.config.num_hidden_layers, kind="exit")
+    spec = MemberSpec(f"exit-{exit_layer}", "exit", exit=exit_layer)
     return family.add(spec)

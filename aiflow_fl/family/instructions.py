@@ -128,12 +128,12 @@ def self_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
     pad = eos[0] if eos else 0
     encoded = [chat_input_ids(tokenizer, p)[0] for p in prompts]
     sequences: list[torch.Tensor] = []
-    from rich.progress import Progress
+    from aiflow_fl.progress import progress_bar
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with Progress(transient=not show_progress) as progress, torch.inference_mode():
+        with progress_bar(transient=not show_progress) as progress, torch.inference_mode():
             task = progress.add_task(f"self-distillation answers ({len(prompts)} prompts)", total=len(prompts))
             for i in range(0, len(encoded), batch_size):
                 group = encoded[i:i + batch_size]

@@ -5,7 +5,7 @@ Members share the backbone's first layers with identical weights, so the hidden 
 member (on a device) runs the embedding and layers ``[0, k)``; it sends :class:`SplitState` (hidden
 states at layer ``k`` + the KV cache of layers ``< k``); a larger member (edge/cloud) resumes at layer
 ``k`` and runs only layers ``[k, L)`` and its head. Its cache then holds every layer, so decoding
-continues normally (``member(next_ids, past_key_values=cache)`` or ``generate``), or with further
+continues normally (``member(next_ids, cache=cache)`` or ``generate``), or with further
 splits: each later :class:`SplitState` carries only the new positions, and :func:`resume` appends them
 to the receiver's cache.
 
@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from aiflow_fl.errors import AiflowError
-from aiflow_fl.family.members import MemberSpec
+from aiflow_fl.family.spec import MemberSpec
 from aiflow_fl.layers import embed, head, positions, run_layers
 
 

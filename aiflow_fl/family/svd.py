@@ -329,7 +329,7 @@ def calibrate(
     Linears that read the very same input tensor (q/k/v; gate/up) share one Gram matrix object, so
     memory is one matrix per distinct input. Padding is not masked: pass unpadded batches.
     """
-    from rich.progress import Progress
+    from aiflow_fl.progress import progress_bar
 
     linears = decoder_linears(model, layers)
     if not linears:
@@ -360,7 +360,7 @@ def calibrate(
         for name, m in linears.items()
     ]
     try:
-        with torch.no_grad(), Progress(transient=True) as progress:
+        with torch.no_grad(), progress_bar(transient=True) as progress:
             task = progress.add_task(description, total=total)
             for batch in batches:
                 model(input_ids=batch, use_cache=False)
@@ -390,12 +390,12 @@ def decompose_model(
     Gram matrix, plain SVD when ``grams`` is None (the baseline at the same parameter ratio)."""
     import copy
 
-    from rich.progress import Progress
+    from aiflow_fl.progress import progress_bar
 
     check_ratio(ratio)
     out = copy.deepcopy(model)
     linears = decoder_linears(out, layers)
-    with Progress(transient=True) as progress:
+    with progress_bar(transient=True) as progress:
         task = progress.add_task(f"{'whitened' if grams is not None else 'plain'} SVD at ratio {ratio}", total=len(linears))
         for name, linear in linears.items():
             gram = None if grams is None else grams[name]

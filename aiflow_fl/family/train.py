@@ -35,7 +35,7 @@ from torch import nn
 
 from aiflow_fl.errors import AiflowError
 from aiflow_fl.family.family import Family
-from aiflow_fl.family.members import LINEAR_NAMES, MemberSpec
+from aiflow_fl.family.spec import LINEAR_NAMES, MemberSpec
 from aiflow_fl.family.svd import DecomposedLinear, factorize, rank_for_ratio
 from aiflow_fl.layers import head, positions, run_layers
 
@@ -166,9 +166,9 @@ def train_branches(
     running = [math.log(main.config.vocab_size)] * len(units)
     history: dict[str, list[float]] = {u.name: [] for u in units} | {"main": []}
     main.train()
-    from rich.progress import Progress
+    from aiflow_fl.progress import progress_bar
 
-    with Progress(transient=not show_progress) as progress:
+    with progress_bar(transient=not show_progress) as progress:
         task = progress.add_task("training branches", total=tcfg.steps)
         steps_done = 0
         for step in range(tcfg.steps):
@@ -240,14 +240,14 @@ def train_hpcd(
 ) -> dict[str, list[float]]:
     """Progressive HPCD training (see module doc) of stages ``stages`` (default 1..K, in order);
     returns the loss history per stage."""
-    from rich.progress import Progress
+    from aiflow_fl.progress import progress_bar
 
     if not family.hpcd_ranks:
         raise AiflowError("The family has no HPCD components (build it with family.kind=hpcd or both).")
     count = len(next(iter(family.hpcd_ranks.values())))
     teacher = family.build("full")
     history: dict[str, list[float]] = {}
-    with Progress(transient=not show_progress) as progress:
+    with progress_bar(transient=not show_progress) as progress:
         for k in stages or range(1, count + 1):
             if not 1 <= k <= count:
                 raise AiflowError(f"HPCD stage {k} is outside the allowed range 1..{count} (the family's components).")
@@ -311,7 +311,7 @@ def branch_batches(model, tokenizer, tcfg, source: str = "pydoc", seed: int = 0,
     if tcfg.data not in DATA_SOURCES:
         raise AiflowError(f"family.branch_training.data is '{tcfg.data}'; allowed: {', '.join(DATA_SOURCES)}.")
     if tcfg.data == "text":
-        from aiflow_fl.family.cli import training_batches
+        from aiflow_fl.family.batches import training_batches
 
         return training_batches(tokenizer, tcfg.seq_len, tcfg.batch_size, source, seed)
     from aiflow_fl.family.instructions import instructions, self_answers, self_batches

@@ -1,15 +1,22 @@
 """``aiflow deploy``: the same ServerApp and ClientApp under real Flower processes on loopback.
 
 What it runs (each a separate OS process in its own session, so it and its children can be stopped
-together by process group):
+together by process group), secure by default (``aiflow_fl/federated/security.py``):
 
-* ``flower-superlink --insecure --disable-runtime-dependency-installation --port P`` — Fleet, Control
-  and Runtime APIs on one port;
-* N × ``flower-supernode --insecure --superlink 127.0.0.1:P --port Q_i --node-config "partition-id=i
-  num-partitions=N member='…' lora-rank=r edge-id=e"`` — one per device, its profile as node config;
+* ``flower-superlink --ssl-ca-certfile CA --ssl-certfile CERT --ssl-keyfile KEY --enable-supernode-auth
+  --disable-runtime-dependency-installation --port P`` — Fleet, Control and Runtime APIs on one port,
+  over TLS (certificates generated for the run, or the user's), admitting only registered SuperNodes;
+* per device, a key pair whose public key is registered with ``flwr supernode register KEY.pub deploy``,
+  then ``flower-supernode --root-certificates CA --auth-supernode-private-key KEY --superlink
+  127.0.0.1:P --port Q_i --node-config "partition-id=i num-partitions=N member='…' lora-rank=r
+  edge-id=e"`` — its profile as node config;
 * ``flwr run . deploy --run-config FILE --format json`` with the connection ``deploy`` written to
-  ``$FLWR_HOME/config.toml``; the run is then polled with ``flwr ls deploy --run-id ID --format json``
-  until its status is ``finished:*`` (``flwr run --stream`` exits 0 even when the ServerApp failed).
+  ``$FLWR_HOME/config.toml`` (``root-certificates = CA``); the run is then polled with ``flwr ls
+  deploy --run-id ID --format json`` until its status is ``finished:*`` (``flwr run --stream`` exits 0
+  even when the ServerApp failed).
+
+``secure=False`` (``aiflow deploy --insecure``) runs everything with ``--insecure``: plaintext links and
+no node authentication, for local tests only; it says so when it starts.
 
 The same steps by hand are in the README. Everything is stopped in ``finally`` (SIGTERM to each
 process group, SIGKILL after a grace period), also when the run fails or times out.
@@ -33,9 +40,12 @@ from typing import Any
 from aiflow_fl.config import AiflowConfig, flatten
 from aiflow_fl.errors import AiflowError
 from aiflow_fl.federated.device import device_profile
+from aiflow_fl.federated.security import NodeKey, TlsFiles, make_node_key, make_tls
 
 APP_DIR = Path(__file__).resolve().parents[2]  # the Flower app: pyproject.toml with [tool.flwr.app]
 CONNECTION = "deploy"
+INSECURE_NOTICE = ("INSECURE deployment: links are plaintext and any SuperNode may join (--insecure); "
+                   "for local tests only. Leave out --insecure for TLS and SuperNode authentication.")
 
 
 def free_port() -> int:
@@ -98,16 +108,50 @@ class Deployment:
     port: int
     superlink: subprocess.Popen
     supernodes: list[subprocess.Popen] = field(default_factory=list)
+    tls: TlsFiles | None = None  # None: --insecure
+    supernode_auth: bool = False
+    node_keys: list[NodeKey] = field(default_factory=list)
 
     @property
     def processes(self) -> list[subprocess.Popen]:
         return [self.superlink, *self.supernodes]
+
+    @property
+    def secure(self) -> bool:
+        return self.tls is not None
 
     def env(self) -> dict[str, str]:
         return flower_env(self.flwr_home)
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([_bin("flwr"), *args], cwd=APP_DIR, env=self.env(), capture_output=True, text=True, timeout=timeout)
+
+    def register(self, key: NodeKey) -> None:
+        """Put a SuperNode's public key on the SuperLink's list of allowed nodes (Control API)."""
+        done = self.flwr("supernode", "register", str(key.public), CONNECTION, "--format", "json")
+        if done.returncode != 0:
+            raise AiflowError(f"`flwr supernode register {key.public}` failed: {(done.stdout + done.stderr)[-1500:]}")
+
+    def start_supernode(self, node: dict[str, Any], log_name: str, key: NodeKey | None = None,
+                        insecure: bool | None = None, extra_args: tuple[str, ...] = ()) -> subprocess.Popen:
+        """Start one SuperNode with ``node`` as its node config. By default it connects as the
+        deployment does (TLS with the run's CA, ``key`` for authentication); ``insecure=True``
+        connects in plaintext whatever the SuperLink does (tests use it to see it refused)."""
+        plain = (not self.secure) if insecure is None else insecure
+        cmd = [_bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
+               "--node-config", node_config_string(node)]
+        if plain:
+            cmd.insert(1, "--insecure")
+        else:
+            assert self.tls is not None
+            cmd[1:1] = ["--root-certificates", str(self.tls.ca_cert)]
+        if key is not None:
+            cmd += ["--auth-supernode-private-key", str(key.private)]
+        cmd += list(extra_args)
+        proc = subprocess.Popen(cmd, cwd=self.workdir, env=self.env(), stdout=open(self.workdir / "logs" / log_name, "w"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.supernodes.append(proc)
+        return proc
 
     def stop(self, grace_s: float = 6.0) -> None:
         for proc in reversed(self.processes):
@@ -171,33 +215,56 @@ def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60
     raise AiflowError(f"flower-superlink did not listen on 127.0.0.1:{port} within {timeout:.0f} s; its log: {log}")
 
 
+def connection_toml(port: int, tls: TlsFiles | None) -> str:
+    """The ``flwr`` CLI's connection to this SuperLink (``$FLWR_HOME/config.toml``)."""
+    head = f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\n'
+    if tls is None:
+        return head + "insecure = true\n"
+    return head + f"root-certificates = {json.dumps(str(tls.ca_cert))}\n"
+
+
+def superlink_command(port: int, database: Path, tls: TlsFiles | None, supernode_auth: bool) -> list[str]:
+    cmd = [_bin("flower-superlink"), "--disable-runtime-dependency-installation", "--port", str(port), "--database", str(database)]
+    if tls is None:
+        return [*cmd, "--insecure"]
+    cmd += ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key)]
+    return [*cmd, "--enable-supernode-auth"] if supernode_auth else cmd
+
+
 def start(cfg: AiflowConfig, num_nodes: int, workdir: str | Path | None = None,
-          extra_node_config: dict[int, dict[str, Any]] | None = None) -> Deployment:
-    """Start a SuperLink and ``num_nodes`` SuperNodes on loopback (logs under ``workdir/logs``)."""
+          extra_node_config: dict[int, dict[str, Any]] | None = None, secure: bool = True,
+          tls: TlsFiles | None = None, supernode_auth: bool = True) -> Deployment:
+    """Start a SuperLink and ``num_nodes`` SuperNodes on loopback (logs under ``workdir/logs``).
+
+    ``secure``: TLS (``tls``, or certificates generated under ``workdir/tls``) and, with
+    ``supernode_auth``, one key pair per SuperNode (``workdir/keys``) registered before it starts.
+    """
     if num_nodes < 1:
         raise AiflowError(f"Number of SuperNodes is {num_nodes}; it must be >= 1.")
+    if not secure and tls is not None:
+        raise AiflowError("TLS files were given together with --insecure; give one or the other.")
     work = Path(workdir or tempfile.mkdtemp(prefix="aiflow-deploy-")).resolve()
     (work / "logs").mkdir(parents=True, exist_ok=True)
     flwr_home = work / "flwr-home"
     flwr_home.mkdir(exist_ok=True)
+    if secure:
+        tls = tls.check() if tls is not None else make_tls(work / "tls")
     port = free_port()
-    (flwr_home / "config.toml").write_text(
-        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+    (flwr_home / "config.toml").write_text(connection_toml(port, tls))
     env = flower_env(flwr_home)
     log = work / "logs" / "superlink.log"
-    superlink = subprocess.Popen(
-        [_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation", "--port", str(port),
-         "--database", str(work / "superlink.db")],
-        cwd=work, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    deployment = Deployment(work, flwr_home, port, superlink)
+    superlink = subprocess.Popen(superlink_command(port, work / "superlink.db", tls, secure and supernode_auth),
+                                 cwd=work, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deployment = Deployment(work, flwr_home, port, superlink, tls=tls, supernode_auth=secure and supernode_auth)
     try:
         _wait_port(port, superlink, log)
         for i, node in enumerate(node_configs(cfg, num_nodes, extra_node_config)):
-            node_log = work / "logs" / f"supernode-{i}.log"
-            deployment.supernodes.append(subprocess.Popen(
-                [_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
-                 "--node-config", node_config_string(node)],
-                cwd=work, env=env, stdout=open(node_log, "w"), stderr=subprocess.STDOUT, start_new_session=True))
+            key = None
+            if deployment.supernode_auth:
+                key = make_node_key(work / "keys", f"supernode-{i}")
+                deployment.register(key)
+                deployment.node_keys.append(key)
+            deployment.start_supernode(node, f"supernode-{i}.log", key)
     except BaseException:
         deployment.stop()
         raise
@@ -240,17 +307,23 @@ def run(deployment: Deployment, cfg: AiflowConfig, timeout_s: float = 1800.0, on
     return DeployResult(run_id, status, Path(cfg.run.dir), logs)
 
 
-def deploy_command(overrides: list[str], nodes: int = 0, timeout_s: float = 3600.0) -> dict[str, Any]:
+def deploy_command(overrides: list[str], nodes: int = 0, timeout_s: float = 3600.0, insecure: bool = False,
+                   tls: TlsFiles | None = None, supernode_auth: bool = True) -> dict[str, Any]:
     """The body of ``aiflow deploy``: start SuperLink + SuperNodes, run, summarize, stop everything."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    from aiflow_fl.progress import progress_bar
 
     from aiflow_fl.federated.run import RunFolder, config_for, print_summary, resolve_run_dir, summarize
 
+    from aiflow_fl.federated.preflight import check_before_start
+
     cfg = config_for(overrides)
+    check_before_start(cfg)  # data, members, run folder: refused before any Flower process starts
     run_dir = resolve_run_dir(cfg)
     num_nodes = nodes or cfg.federation.num_devices
     folder = RunFolder(run_dir)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+    with progress_bar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("held-out loss {task.fields[loss]}"), TimeElapsedColumn()) as progress:
         task = progress.add_task(f"deploy: {num_nodes} SuperNodes, rounds", total=cfg.federation.rounds, loss="-")
 
@@ -259,8 +332,15 @@ def deploy_command(overrides: list[str], nodes: int = 0, timeout_s: float = 3600
             if evals:
                 progress.update(task, completed=int(evals[-1]["round"]), loss=f"{evals[-1]['eval-loss']:.3f}")
 
-        with start(cfg, num_nodes, run_dir.parent / f".{run_dir.name}.deploy") as deployment:
-            progress.console.print(f"SuperLink on 127.0.0.1:{deployment.port}, {num_nodes} SuperNodes; logs in {deployment.workdir / 'logs'}")
+        if insecure:
+            progress.console.print(f"[bold red]{INSECURE_NOTICE}[/]")
+        with start(cfg, num_nodes, run_dir.parent / f".{run_dir.name}.deploy", secure=not insecure, tls=tls,
+                   supernode_auth=supernode_auth) as deployment:
+            security = "insecure (plaintext, no node authentication)" if not deployment.secure else (
+                f"TLS (CA {deployment.tls.ca_cert})" + (", SuperNode authentication: "
+                f"{len(deployment.node_keys)} registered keys" if deployment.supernode_auth else ", no SuperNode authentication"))
+            progress.console.print(f"SuperLink on 127.0.0.1:{deployment.port}, {num_nodes} SuperNodes, {security}; "
+                                   f"logs in {deployment.workdir / 'logs'}")
             result = run(deployment, cfg, timeout_s, on_poll)
         on_poll()
     if result.status != "finished:completed":

@@ -1,5 +1,9 @@
 """What one device does in a round, without Flower: profile, data, member + LoRA, train, evaluate.
 
+The member is the family's :class:`~aiflow_fl.family.member.Member` (:func:`member_from_config
+<aiflow_fl.family.member.member_from_config>`, a cheap copy of a per-process pristine member); the
+server's ``base`` is folded in with ``Member.fold``, updates travel under ``Member.key_of`` keys.
+
 The ClientApp (``clients/app.py``) only converts Flower records to these arguments and back.
 :class:`DeviceState` is everything that must survive between rounds; the ClientApp keeps it in
 ``context.state`` (each Flower message may run in a fresh process).
@@ -26,8 +30,8 @@ from aiflow_fl.federated.local import (
     round_batches,
     train_local,
 )
-from aiflow_fl.federated.lora import attach_lora, extract_update, fold_base, load_update
-from aiflow_fl.federated.member import load_member
+from aiflow_fl.family.member import member_from_config
+from aiflow_fl.federated.lora import attach_lora, extract_update, load_update, lora_module_paths
 
 
 FAULTS = ("", "raise", "hang", "nan", "shape", "missing")
@@ -84,6 +88,8 @@ class DeviceState:
     rounds_trained: int = 0
     optimizer: dict[str, np.ndarray] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # for plug-ins (privacy accountant, replay buffer)
+    base: dict[str, Any] = field(default_factory=dict)  # the cloud's cumulative base this device holds (LoraFactors)
+    base_version: int = -1  # its version (protocol: the server sends changes from it)
 
 
 _DATA: dict[tuple, DeviceData] = {}
@@ -107,7 +113,7 @@ def load_device_data(cfg: AiflowConfig, profile: DeviceProfile, tokenizer) -> De
 
 def prepare_member(cfg: AiflowConfig, profile: DeviceProfile, base: AdapterUpdate | None, lora: AdapterUpdate | None):
     """Load the member, fold ``base`` into its frozen weights, attach LoRA and start it from ``lora``."""
-    member = load_member(cfg, profile.member)
+    member = member_from_config(cfg, profile.member)
     if profile.memory_budget_mb > 0:
         weight_mb = sum(p.numel() * p.element_size() for p in member.model.parameters()) / 2**20
         if weight_mb > profile.memory_budget_mb:
@@ -116,11 +122,17 @@ def prepare_member(cfg: AiflowConfig, profile: DeviceProfile, base: AdapterUpdat
                 f"memory budget of {profile.memory_budget_mb:.0f} MB; give the device a smaller member or a larger budget."
             )
     if base is not None:
-        fold_base(member.model, member, base)
+        member.fold(base)
     peft_model = attach_lora(member.model, profile.lora_rank, profile.lora_alpha, cfg.lora.dropout,
                              list(cfg.lora.target_modules), seed=cfg.run.seed)
     if lora is not None and lora.layers:
-        load_update(peft_model, member, lora, profile.lora_alpha)
+        # A node the server has not heard from gets the family's every key (messages do not depend on
+        # the node); a shallow member starts the layers it has, like Member.fold does for the base.
+        own = {member.key_of(p) for p in lora_module_paths(peft_model)}
+        mine = {k: f for k, f in lora.layers.items() if k in own}
+        if not mine:
+            raise ValueError(f"server LoRA shares no module with member '{profile.member}': {sorted(lora.layers)[:3]}")
+        load_update(peft_model, member, AdapterUpdate(mine, lora.num_examples), profile.lora_alpha)
     return member, peft_model
 
 

@@ -129,22 +129,38 @@ def train_local(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, chunks: TokenChunks, batch_size: int = 8) -> dict[str, float]:
-    """Held-out mean next-token loss (per token), perplexity and top-1 next-token accuracy."""
+def evaluate_chunks(model: nn.Module, chunks: TokenChunks, batch_size: int = 8) -> dict[str, np.ndarray]:
+    """Per held-out chunk: summed next-token NLL (``nll``), correct top-1 predictions (``correct``) and
+    predicted tokens (``tokens``) — what :func:`aiflow_fl.stats.paired_bootstrap_delta` resamples."""
     model.eval()
-    total_loss, correct, count = 0.0, 0, 0
+    nll, correct, tokens = [], [], []
     for start in range(0, len(chunks), batch_size):
         ids = chunks.input_ids[start:start + batch_size]
         logits = model(input_ids=ids).logits[:, :-1].float()
         target = ids[:, 1:]
-        total_loss += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
-        correct += (logits.argmax(-1) == target).sum().item()
-        count += target.numel()
+        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (B, T-1)
+        nll.append(losses.sum(1).double())
+        correct.append((logits.argmax(-1) == target).sum(1))
+        tokens.append(torch.full((ids.shape[0],), target.shape[1]))
+    if not nll:
+        return {"nll": np.zeros(0), "correct": np.zeros(0), "tokens": np.zeros(0)}
+    return {"nll": torch.cat(nll).numpy(), "correct": torch.cat(correct).numpy().astype(np.float64),
+            "tokens": torch.cat(tokens).numpy().astype(np.float64)}
+
+
+def summarize_chunks(per_chunk: dict[str, np.ndarray]) -> dict[str, float]:
+    """Held-out mean next-token loss (per token), perplexity and top-1 accuracy from per-chunk sums."""
+    count = float(per_chunk["tokens"].sum())
     if count == 0:
         return {"eval-loss": float("nan"), "eval-accuracy": float("nan"), "eval-tokens": 0.0, "eval-ppl": float("nan")}
-    loss = total_loss / count
-    return {"eval-loss": loss, "eval-accuracy": correct / count, "eval-tokens": float(count), "eval-ppl": math.exp(min(loss, 50.0))}
+    loss = float(per_chunk["nll"].sum()) / count
+    return {"eval-loss": loss, "eval-accuracy": float(per_chunk["correct"].sum()) / count, "eval-tokens": count,
+            "eval-ppl": math.exp(min(loss, 50.0))}
+
+
+def evaluate(model: nn.Module, chunks: TokenChunks, batch_size: int = 8) -> dict[str, float]:
+    """Held-out mean next-token loss (per token), perplexity and top-1 next-token accuracy."""
+    return summarize_chunks(evaluate_chunks(model, chunks, batch_size))
 
 
 def optimizer_state_arrays(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, np.ndarray]:

@@ -1,9 +1,10 @@
-"""LoRA on a member with peft, and the conversions between a peft model and an :class:`AdapterUpdate`.
+"""LoRA on a family member with peft, and the conversions between a peft model and an :class:`AdapterUpdate`.
 
-Keys: an update travels under family-wide keys (``member.key_of(module path)``); a device maps them
-back to its own module paths. ``fold_base`` adds a server-sent dense update ``scaling · B @ A`` to the
-frozen weights *before* LoRA is attached (protocol: ``base`` is cumulative since the run's start, so
-it is folded into freshly loaded weights every round).
+Keys: an update travels under family-wide keys (``member.key_of(module path)``, the one
+:class:`aiflow_fl.family.member.Member`); a device maps them back to its own module paths. The
+server-sent dense base ``scaling · B @ A`` is folded into the frozen weights with
+:meth:`Member.fold <aiflow_fl.family.member.Member.fold>` *before* LoRA is attached (protocol: ``base``
+is cumulative since the run's start, so it is folded into freshly loaded weights every round).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import nn
 
 from aiflow_fl.aggregation.update import AdapterUpdate, from_peft_state_dict, to_peft_state_dict
 from aiflow_fl.errors import AiflowError
-from aiflow_fl.federated.member import Member
+from aiflow_fl.family.member import Member
 
 
 def attach_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target_modules: list[str], seed: int = 0) -> PeftModel:
@@ -65,33 +66,3 @@ def load_update(peft_model: PeftModel, member: Member, update: AdapterUpdate, al
             raise ValueError(f"server LoRA {key} has shape {tuple(value.shape)}, the member's is {got}")
     set_peft_model_state_dict(peft_model, {k: v.to(current[k].dtype) for k, v in state.items()})
     return len(local.layers)
-
-
-def fold_base(model: nn.Module, member: Member, base: AdapterUpdate) -> int:
-    """W0 ← W0 + scaling · B @ A (a new weight tensor) for every module of ``base`` this member has (by family key); returns how
-    many were folded.
-
-    Keys of modules the member lacks are skipped: the server's base is family-wide (a node it has not
-    heard from yet gets every key), and a shallow member applies the part it has. A plain linear gets
-    the dense update added to its weight; a module whose weight is not a writable parameter (a
-    decomposed family linear) gets it as a frozen forward hook ``y += x ΔWᵀ``.
-    """
-    paths = {member.key_of(name): name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-    folded = 0
-    for key, factors in base.layers.items():
-        if key not in paths:
-            continue
-        folded += 1
-        module = model.get_submodule(paths[key])
-        delta = factors.delta()
-        if tuple(delta.shape) != (module.out_features, module.in_features):
-            raise ValueError(f"base update of {key} has shape {tuple(delta.shape)}, the module is {(module.out_features, module.in_features)}")
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, nn.Parameter):
-            # A new tensor, never an in-place add: the frozen weights may be shared with the process's
-            # cached pristine member (``federated.member.load_member``).
-            module.weight = nn.Parameter(weight.detach() + delta.to(weight.dtype), requires_grad=weight.requires_grad)
-        else:
-            frozen = delta.detach().clone()
-            module.register_forward_hook(lambda mod, inp, out, d=frozen: out + inp[0] @ d.to(out.dtype).T)
-    return folded

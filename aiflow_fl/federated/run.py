@@ -7,6 +7,8 @@
       metrics.jsonl          one JSON object per line: {"round": r, "kind": "train"|"eval"|..., ...}
       checkpoints/
         round-0003.safetensors   the global state after round 3 (tensors + JSON metadata)
+      eval/
+        round-0003.safetensors   per held-out chunk and member: summed NLL, correct top-1, tokens
       summary.png            loss / accuracy per round
 
 Every write that replaces a file goes to a temp file in the same folder first and is renamed
@@ -40,10 +42,29 @@ RESUMABLE_CHANGES = ("run", "federation.rounds", "federation.client_cpus", "fede
 
 @dataclass
 class Checkpoint:
+    """A round's saved server state: ``base/<module>::A|B|scaling`` (the cumulative base) and
+    ``adapter/…`` (the global adapter, at its rank), or, from older runs, the merged update unprefixed."""
+
     server_round: int
     tensors: dict[str, np.ndarray]
     meta: dict[str, Any]
     path: Path
+
+    def merged(self):
+        """The server's model after that round as one update (base + adapter, exact factors)."""
+        from flwr.app import Array, ArrayRecord
+
+        from aiflow_fl.aggregation import lowrank
+        from aiflow_fl.aggregation.update import AdapterUpdate
+        from aiflow_fl.protocol import arrays_to_update
+
+        def part(prefix: str) -> dict:
+            record = ArrayRecord({k[len(prefix):]: Array(v) for k, v in self.tensors.items() if k.startswith(prefix)})
+            return arrays_to_update(record).layers
+
+        if not any(k.startswith(("base/", "adapter/")) for k in self.tensors):
+            return AdapterUpdate(part(""), 0)
+        return AdapterUpdate(lowrank.add([part("base/"), part("adapter/")]), 0)
 
 
 def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -139,6 +160,25 @@ class RunFolder:
         atomic_write_bytes(path, save(arrays, metadata={"round": str(server_round), "meta": json.dumps(meta)}))
         return path
 
+    def save_eval_chunks(self, server_round: int, per_member: dict[str, dict[str, np.ndarray]]) -> Path:
+        """``eval/round-R.safetensors``: the central evaluation's per-chunk sums, key ``MEMBER/nll|correct|tokens``."""
+        path = self.path / "eval" / f"round-{server_round:04d}.safetensors"
+        arrays = {f"{member}/{key}": np.ascontiguousarray(value, dtype=np.float64)
+                  for member, values in per_member.items() for key, value in values.items()}
+        atomic_write_bytes(path, save(arrays, metadata={"round": str(server_round)}))
+        return path
+
+    def eval_chunks(self, server_round: int) -> dict[str, dict[str, np.ndarray]]:
+        """What :meth:`save_eval_chunks` wrote for ``server_round`` (empty when that round has none)."""
+        path = self.path / "eval" / f"round-{server_round:04d}.safetensors"
+        if not path.is_file():
+            return {}
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for key, value in load_file(str(path)).items():
+            member, name = key.rsplit("/", 1)
+            out.setdefault(member, {})[name] = value
+        return out
+
     def checkpoints(self) -> list[tuple[int, Path]]:
         if not self.checkpoint_dir.is_dir():
             return []
@@ -162,48 +202,142 @@ class RunFolder:
         return None
 
     # --- summary -------------------------------------------------------------------------------
+    def title(self) -> str:
+        """What ran, from the config snapshot: flat (devices -> server) or hierarchical (-> edges -> cloud)."""
+        if not self.config_path.is_file():
+            return f"federated run {self.path.name}"
+        cfg = load_config(config_file=self.config_path)
+        fed = cfg.federation
+        if cfg.hierarchy.enabled:
+            where = (f"{fed.num_devices} devices -> {fed.num_edges} edges -> cloud, "
+                     f"{cfg.hierarchy.edge_rounds} edge round(s) per cloud round")
+        else:
+            where = f"{fed.num_devices} devices -> server (flat)"
+        return f"Federated LoRA fine-tuning ({cfg.strategy}): {where}, {fed.rounds} rounds, data {Path(cfg.data.source).name}"
+
     def plot(self) -> Path:
-        """summary.png: training loss, held-out loss / accuracy and (when counted) bytes per link per round."""
+        """summary.png (see :func:`draw_summary`), written atomically."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        train = self.records("train")
-        evals = self.records("eval")
-        links = sorted({k for r in train for k in r if k.startswith("bytes/")})
-        fig, axes = plt.subplots(1, 3 if links else 2, figsize=(15 if links else 10, 4))
-        ax_loss, ax_acc = axes[0], axes[1]
-        if train:
-            ax_loss.plot([r["round"] for r in train], [r["train-loss"] for r in train], "o-", label="train loss (clients)")
-        if evals:
-            ax_loss.plot([r["round"] for r in evals], [r["eval-loss"] for r in evals], "s-", label="held-out loss (server)")
-            ax_acc.plot([r["round"] for r in evals], [r["eval-accuracy"] for r in evals], "s-", color="C2", label="held-out next-token accuracy (server)")
-        device_evals = self.records("device-eval")
-        if device_evals:
-            ax_acc.plot([r["round"] for r in device_evals], [r["eval-accuracy"] for r in device_evals], "^--", color="C3",
-                        label="devices' own held-out accuracy")
-        ax_loss.set_xlabel("round")
-        ax_loss.set_ylabel("cross-entropy")
-        ax_loss.legend()
-        ax_acc.set_xlabel("round")
-        ax_acc.set_ylabel("accuracy")
-        ax_acc.legend()
-        if links:  # what each link of the hierarchy carried per cloud round (summed over its edge rounds)
-            ax_bytes = axes[2]
-            for key in links:
-                ax_bytes.plot([r["round"] for r in train], [r.get(key, 0) / 1e6 for r in train], "o-", label=key[len("bytes/"):])
-            ax_bytes.set_xlabel("round")
-            ax_bytes.set_ylabel("MB per round")
-            ax_bytes.legend(fontsize=8)
-        fig.suptitle(f"federated run {self.path.name}")
-        fig.tight_layout()
+        fig = draw_summary(self)
         out = self.path / "summary.png"
         png = io.BytesIO()
         fig.savefig(png, format="png", dpi=100)
         plt.close(fig)
         atomic_write_bytes(out, png.getvalue())
         return out
+
+
+def fold_run_update(members, run_dir: str | Path) -> int:
+    """Fold a federated run's trained global model (its newest checkpoint: the server's base + adapter
+    as one low-rank update, :meth:`Checkpoint.merged`) into every member (:meth:`Member.fold`: aligned
+    family keys, so layers the members share stay identical). Returns the checkpoint's round.
+
+    Serving and the demo take the family *as the federation left it* this way; the held-out figures
+    of the run's last round were measured on exactly these weights (:class:`CentralEvaluator` folds
+    the same update)."""
+    folder = RunFolder(run_dir)
+    checkpoint = folder.latest_checkpoint() if folder.checkpoint_dir.is_dir() else None
+    if checkpoint is None:
+        raise AiflowError(f"{run_dir} has no readable checkpoint under {folder.checkpoint_dir}: it is not a federated "
+                          "run folder (aiflow simulate / deploy / demo write one), or no round finished yet.")
+    update = checkpoint.merged()
+    for member in members:
+        member.fold(update)
+    return checkpoint.server_round
+
+
+def _members_of(evals: list[dict[str, Any]]) -> list[str]:
+    return sorted({k.split("/", 1)[1] for r in evals for k in r if k.startswith("eval-accuracy/")})
+
+
+def draw_summary(folder: RunFolder):
+    """The run at a glance, four panels: (a) held-out loss per member and the clients' training loss
+    per round, (b) held-out next-token accuracy per member per round, (c) each member's held-out
+    accuracy before vs after the federation with the change and its paired bootstrap 95 % interval,
+    (d) MB sent per round on each link, uplink and downlink side by side."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    train, evals = folder.records("train"), folder.records("eval")
+    members = _members_of(evals)
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    (ax_loss, ax_acc), (ax_before, ax_bytes) = axes
+    for i, name in enumerate(members):
+        rounds = [r["round"] for r in evals if f"eval-loss/{name}" in r]
+        ax_loss.plot(rounds, [r[f"eval-loss/{name}"] for r in evals if f"eval-loss/{name}" in r], "s-", color=f"C{i}",
+                     label=f"held-out loss, {name}")
+        ax_acc.plot(rounds, [r[f"eval-accuracy/{name}"] for r in evals if f"eval-accuracy/{name}" in r], "s-",
+                    color=f"C{i}", label=name)
+    if not members and evals:  # older runs: only the mean
+        ax_loss.plot([r["round"] for r in evals], [r["eval-loss"] for r in evals], "s-", label="held-out loss")
+        ax_acc.plot([r["round"] for r in evals], [r["eval-accuracy"] for r in evals], "s-", label="mean over members")
+    if train:
+        ax_loss.plot([r["round"] for r in train], [r["train-loss"] for r in train], "o--", color="gray",
+                     label="clients' training loss (mean over steps)")
+    device_evals = folder.records("device-eval")
+    if device_evals:
+        ax_acc.plot([r["round"] for r in device_evals], [r["eval-accuracy"] for r in device_evals], "^--", color="gray",
+                    label="devices' own held-out data")
+    ax_loss.set_title("(a) loss per round")
+    ax_loss.set_ylabel("cross-entropy (nats per token)")
+    ax_acc.set_title("(b) held-out next-token accuracy per round (server, every member)")
+    ax_acc.set_ylabel("top-1 accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.set_xlabel("cloud round (0 = before training)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+
+    figures = heldout_intervals(folder, int(evals[0]["round"]), int(evals[-1]["round"])) if len(evals) > 1 else {}
+    shown = [m for m in members if f"heldout_acc_before/{m}" in figures]
+    if shown:
+        x = np.arange(len(shown))
+        before = [figures[f"heldout_acc_before/{m}"] for m in shown]
+        after = [figures[f"heldout_acc_after/{m}"] for m in shown]
+        ax_before.bar(x - 0.2, before, 0.4, label=f"before (round {evals[0]['round']})", color="lightgray", edgecolor="k")
+        ax_before.bar(x + 0.2, after, 0.4, label=f"after (round {evals[-1]['round']})", color="C2", edgecolor="k")
+        for xi, m, a in zip(x, shown, after):
+            low, high = figures[f"heldout_acc_delta_ci95/{m}"]
+            ax_before.annotate(f"{figures[f'heldout_acc_delta/{m}']:+.3f}\n[{low:+.3f}, {high:+.3f}]", (xi + 0.2, a),
+                               ha="center", va="bottom", fontsize=8)
+        ax_before.set_xticks(x, shown)
+        ax_before.set_ylim(0, max(after + before) * 1.3)
+        ax_before.legend(fontsize=8, loc="lower right")
+        ax_before.set_title(f"(c) held-out accuracy before / after, per member\n(change and paired bootstrap 95 % interval, "
+                            f"{figures['heldout_chunks']} chunks = {figures['heldout_tokens']:,} tokens)", fontsize=10)
+    else:
+        ax_before.text(0.5, 0.5, "no before/after evaluation in this run", ha="center", va="center", transform=ax_before.transAxes)
+        ax_before.set_title("(c) held-out accuracy before / after, per member")
+    ax_before.set_ylabel("top-1 accuracy")
+
+    from aiflow_fl import comm
+
+    pairs = [(up, down) for up, down in ((comm.DEVICE_TO_EDGE, comm.EDGE_TO_DEVICE), (comm.EDGE_TO_CLOUD, comm.CLOUD_TO_EDGE),
+                                         (comm.DEVICE_TO_CLOUD, comm.CLOUD_TO_DEVICE))
+             if any(r.get(f"bytes/{up}", 0) or r.get(f"bytes/{down}", 0) for r in train)]
+    if pairs:
+        rounds = np.array([r["round"] for r in train], dtype=float)
+        width = 0.8 / (2 * len(pairs))
+        for j, (up, down) in enumerate(pairs):
+            for k, (link, hatch) in enumerate(((up, ""), (down, "//"))):
+                offset = (2 * j + k - (2 * len(pairs) - 1) / 2) * width
+                ax_bytes.bar(rounds + offset, [r.get(f"bytes/{link}", 0) / 1e6 for r in train], width, color=f"C{j}",
+                             hatch=hatch, edgecolor="k", label=f"{link} ({'uplink' if k == 0 else 'downlink'})")
+        ax_bytes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax_bytes.legend(fontsize=8)
+    else:
+        ax_bytes.text(0.5, 0.5, "no bytes counted in this run", ha="center", va="center", transform=ax_bytes.transAxes)
+    ax_bytes.set_title("(d) bytes per link per cloud round (all devices / edges together)")
+    ax_bytes.set_xlabel("cloud round")
+    ax_bytes.set_ylabel("MB (10^6 bytes) per round")
+    ax_bytes.grid(alpha=0.3, axis="y")
+    fig.suptitle(folder.title(), fontsize=11)
+    fig.tight_layout()
+    return fig
 
 
 def config_for(overrides: list[str]) -> AiflowConfig:
@@ -236,6 +370,7 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
     if evals:
         out["heldout_loss_before"], out["heldout_loss_after"] = evals[0]["eval-loss"], evals[-1]["eval-loss"]
         out["heldout_acc_before"], out["heldout_acc_after"] = evals[0]["eval-accuracy"], evals[-1]["eval-accuracy"]
+        out.update(heldout_intervals(folder, int(evals[0]["round"]), int(evals[-1]["round"])))
     if trains:
         out["loss_first"], out["loss_last"] = trains[0].get("train-loss-first"), trains[-1].get("train-loss-last")
         out["clients"] = max(int(t.get("clients-ok", 0)) for t in trains)
@@ -245,6 +380,38 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
     if device_evals:
         out["device_heldout_acc_last"] = device_evals[-1]["eval-accuracy"]
     out["plot"] = str(folder.path / "summary.png")
+    return out
+
+
+def heldout_intervals(folder: RunFolder, first: int, last: int, level: float = 0.95) -> dict[str, Any]:
+    """Before/after held-out loss and accuracy per member and for their mean, each change with its
+    paired chunk-bootstrap interval (:func:`aiflow_fl.stats.paired_bootstrap_delta`), from the
+    per-chunk sums the server saved for rounds ``first`` and ``last``. Empty when they are missing."""
+    from aiflow_fl.stats import paired_bootstrap_delta
+
+    before, after = folder.eval_chunks(first), folder.eval_chunks(last)
+    members = [m for m in before if m in after and len(before[m]["tokens"]) >= 2
+               and np.array_equal(before[m]["tokens"], after[m]["tokens"])]
+    if not members or first == last:
+        return {}
+    out: dict[str, Any] = {"heldout_chunks": int(len(before[members[0]]["tokens"])),
+                           "heldout_tokens": int(before[members[0]]["tokens"].sum())}
+    pct = round(100 * level)
+
+    def add(suffix: str, b: dict[str, np.ndarray], a: dict[str, np.ndarray]) -> None:
+        for stat, key in (("acc", "correct"), ("loss", "nll")):
+            interval = paired_bootstrap_delta(b[key], a[key], b["tokens"], level=level)
+            out[f"heldout_{stat}_before{suffix}"] = round(interval.before, 4)
+            out[f"heldout_{stat}_after{suffix}"] = round(interval.after, 4)
+            out[f"heldout_{stat}_delta{suffix}"] = round(interval.delta, 4)
+            out[f"heldout_{stat}_delta_ci{pct}{suffix}"] = [round(interval.low, 4), round(interval.high, 4)]
+
+    for member in members:
+        add(f"/{member}", before[member], after[member])
+    if all(np.array_equal(before[m]["tokens"], before[members[0]]["tokens"]) for m in members):
+        # The mean over members (what eval-accuracy reports) is a ratio over the same chunks too.
+        mean = lambda d, k: np.mean([d[m][k] for m in members], axis=0)  # noqa: E731
+        add("", {k: mean(before, k) for k in ("correct", "nll", "tokens")}, {k: mean(after, k) for k in ("correct", "nll", "tokens")})
     return out
 
 

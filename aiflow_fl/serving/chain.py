@@ -33,7 +33,7 @@ import torch
 from aiflow_fl.errors import AiflowError
 from aiflow_fl.serving.acceptance import best_draft_len, greedy_accept, next_draft_len, speculative_accept, verify_costs
 from aiflow_fl.serving.link import Link, tensor_bytes
-from aiflow_fl.serving.members import TierOutput
+from aiflow_fl.serving.tiers import TierOutput
 
 
 class TierUnavailable(RuntimeError):
@@ -69,6 +69,7 @@ class Slot:
     approved: int = 0
     preds: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> argmax id / probs
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> exit hidden state
+    features: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> final-norm feature (a draft head's input)
     accepted: int = 0  # draft tokens accepted
     drafted: int = 0  # draft tokens checked
     calls: int = 0  # verification forwards
@@ -131,15 +132,32 @@ class Chain:
         links = links or [Link(f"{a.name}->{b.name}") for a, b in zip(tiers, tiers[1:])]
         blocks = blocks or [1] * (len(tiers) - 1)
         self.slots = [Slot(tiers[0], None)] + [Slot(t, l, b) for t, l, b in zip(tiers[1:], links, blocks)]
+        # A feature-level draft head (serving.draft_head, EAGLE) drafts from tier 1's last hidden states:
+        # tier 1 must run from token ids and send its features back with each verdict.
+        self.feature_draft = bool(getattr(tiers[0], "reads_features", False))
+        if self.feature_draft and (len(tiers) != 2 or self.slots[1].via_hidden):
+            raise AiflowError("A feature-level draft head drafts for the verifier whose features it reads: use it in a "
+                              "2-tier chain whose verifier runs from token ids (device -> that verifier).")
+        self._inexact: set[int] = set()  # device positions run from its own predicted feature (recomputed once known)
+        self._feeding = False  # tier 1 runs positions only to give the draft head its first features
         if cost_aware and pipelined:
             raise AiflowError("serving.cost_aware chooses draft lengths for sequential chains; the pipelined mode "
                               "matches the draft block to the verifier's time instead (set one of them to false).")
         if probe_every < 1:
             raise AiflowError(f"probe_every must be ≥ 1 token (got {probe_every}).")
         self.draft_len, self.adaptive, self.min_draft, self.max_draft = draft_len, adaptive, min_draft, max_draft
-        # Cost-aware drafting (acceptance.best_draft_len): a running acceptance estimate from
-        # exponentially decayed counts of accepted / rejected draft tokens, and solo decoding
-        # (draft length 0) that re-probes drafting every ``probe_every`` tokens.
+        self.initial_draft_len = draft_len
+        # Cost-aware chains (_mode_policy): measured speed of the last tier alone (mode 0) and of drafting
+        # (mode 1) as decayed (tokens, seconds); the preferred mode, windows since the last probe, the gap.
+        # All of it outlives generate() calls: the costs are this machine's, not one prompt's.
+        self.mode_rates: list[list[float]] = [[0.0, 0.0], [0.0, 0.0]]
+        self.window_tokens = self.windows = 0
+        self.window_s, self.window_mode = 0.0, 0
+        self.preferred_mode, self.probe_gap = 0, 1  # start with the last tier alone: it never loses
+        self.mode = 0  # the mode running now (a probe of the other one goes on into the next generate())
+        self.predicted: tuple[float, float] | None = None  # 2 tiers: modelled tokens/s drafting, alone (_cost_aware)
+        # While drafting, the draft length (acceptance.best_draft_len) from a running acceptance estimate
+        # (exponentially decayed counts of accepted / rejected draft tokens) and this run's costs.
         self.cost_aware, self.probe_every = cost_aware, probe_every
         if on_verifier_loss not in ("fail", "device"):
             raise AiflowError(f"on_verifier_loss is '{on_verifier_loss}'; use 'fail' or 'device'.")
@@ -148,7 +166,6 @@ class Chain:
         self.on_verifier_loss = on_verifier_loss
         self.verified = True
         self.acceptance_counts = [0.0, 0.0]  # decayed (accepted, rejected) draft tokens
-        self.solo_tokens = 0
         self.policy_log: list[int] = []  # draft length chosen after each verification
         self.temperature = temperature
         self.eos = set(eos_token_ids or [])
@@ -172,6 +189,7 @@ class Chain:
         self._pin(0)
         in_flight: tuple[Job, Future] | None = None
         gamma, start_time = self.draft_len, time.perf_counter()
+        last_final, last_time = len(self.seq), start_time
         try:
             while not self._finished(prompt_len, max_new_tokens):
                 job = None if in_flight else self._next_job(max_new_tokens + prompt_len)
@@ -200,6 +218,11 @@ class Chain:
                 else:
                     raise AssertionError("speculative chain made no progress")  # a bug, never a user error
                 final = self.slots[-1].approved
+                if self._measured_modes() and final != last_final:
+                    now = time.perf_counter()
+                    if last_final > prompt_len:  # the first token carries the prompt's forward: no mode's speed
+                        self._mode_policy(max(0, final - last_final), now - last_time)
+                    last_final, last_time, gamma = final, now, self.draft_len
                 if on_tokens and final > emitted:
                     on_tokens(self.seq[emitted:final])
                     emitted = final
@@ -220,12 +243,24 @@ class Chain:
         """The highest tier whose block of approved-below tokens is full (or final), as a job; in solo
         mode (cost-aware draft length 0) tier 1 then runs the new positions itself from token ids."""
         job = self._blocked_job(limit)
-        if job is None and self._solo() and self.slots[1].done < len(self.seq) and len(self.seq) < limit:
-            job = self._job(1, len(self.seq))
+        solo = len(self.slots) - 1 if self._solo() else 1 if self._starved() else 0
+        if job is None and solo and self.slots[solo].done < len(self.seq) and len(self.seq) < limit:
+            self._feeding = not self._solo()
+            job = self._job(solo, len(self.seq))
         return job
 
+    def _starved(self) -> bool:
+        """A draft head cannot draft the next token: it has neither tier 1's feature of the position
+        before the last one nor its own prediction there (the prompt, before tier 1 has run it)."""
+        if not self.feature_draft:
+            return False
+        before = len(self.seq) - 2
+        return before >= 0 and before not in self.slots[1].features and self.slots[0].done <= before
+
     def _solo(self) -> bool:
-        return self.cost_aware and self.draft_len == 0 and len(self.slots) > 1 and not self.slots[1].via_hidden
+        """Cost-aware draft length 0: the last tier decodes alone from token ids (lower tiers idle; they
+        catch up in one batched forward when drafting is probed again)."""
+        return self.cost_aware and self.draft_len == 0 and len(self.slots) > 1 and not self.slots[-1].via_hidden
 
     def _blocked_job(self, limit: int) -> Job | None:
         for g in range(len(self.slots) - 1, 0, -1):
@@ -257,11 +292,12 @@ class Chain:
             if slot.link is not None:  # up: hidden states (familial reuse) or token ids
                 sent = job.hidden if job.hidden is not None else job.tokens
                 slot.link.send(sent.numel() * 4, up=True)
+            extra = {"want_features": True} if self.feature_draft and job.g == 1 else {}
             out = slot.tier.process(job.start, tokens=job.tokens, hidden=job.hidden,
-                                    temperature=self.temperature, want_hidden=want_hidden)
-            if slot.link is not None:  # down: predictions (int32 ids or float32 probabilities) [+ hidden]
-                down = out.preds.numel() * 4
-                slot.link.send(down + (out.hidden.numel() * 4 if out.hidden is not None and want_hidden else 0), up=False)
+                                    temperature=self.temperature, want_hidden=want_hidden, **extra)
+            if slot.link is not None:  # down: predictions (int32 ids or float32 probabilities) [+ hidden] [+ features]
+                down = out.preds.numel() * 4 + (out.hidden.numel() * 4 if out.hidden is not None and want_hidden else 0)
+                slot.link.send(down + (out.features.numel() * 4 if out.features is not None else 0), up=False)
         except TierUnavailable as exc:
             return str(exc)
         finally:
@@ -283,6 +319,8 @@ class Chain:
             slot.preds[job.start + i] = out.preds[i]
             if out.hidden is not None:
                 slot.hidden[job.start + i] = out.hidden[i]
+            if out.features is not None:
+                slot.features[job.start + i] = out.features[i]
         if job.g == 0 and out.confidence is not None:
             self._last_confidence = float(out.confidence[-1])
         if job.g > 0:
@@ -295,9 +333,11 @@ class Chain:
         """Forget what no tier can need again: predictions before the lowest approved prefix, and exit
         hidden states the next tier has already consumed (a rollback recomputes from its position)."""
         floor = min(s.approved for s in self.slots) - 1
+        # a draft head may still recompute from its first inexact position (needs the feature before it)
+        needed = min([floor, self.slots[0].done, *self._inexact]) - 1
         for i, slot in enumerate(self.slots):
             consumed = self.slots[i + 1].done if i + 1 < len(self.slots) else slot.done + 1
-            for store, below in ((slot.preds, floor), (slot.hidden, consumed)):
+            for store, below in ((slot.preds, floor), (slot.hidden, consumed), (slot.features, needed)):
                 for p in [p for p in store if p < below]:
                     del store[p]
 
@@ -305,7 +345,9 @@ class Chain:
         """Tier g verifies the tokens the tier below approved, up to what it has predictions for."""
         slot, low, seq = self.slots[g], self.slots[g - 1], self.seq
         lo, hi = slot.approved, min(low.approved, slot.done + 1)
-        if g == 1 and self._solo() and lo == hi == len(seq) == slot.done:  # solo: the verifier's own token
+        solo = (self._solo() and g == len(self.slots) - 1) or (self._feeding and g == 1)
+        if solo and lo == hi == len(seq) == slot.done:  # solo: the verifier's own token
+            self._feeding = False
             seq.append(self._token(slot.preds[len(seq) - 1]))
             slot.produced += 1
             slot.last_accepted = slot.last_drafted = 0
@@ -338,7 +380,9 @@ class Chain:
     def _draft_one(self) -> None:
         """The device runs its pending positions and appends its next token."""
         device = self.slots[0]
-        if device.done < len(self.seq):  # else a stall resolution already ran it (generate)
+        if self.feature_draft:
+            self._run_draft_head()
+        elif device.done < len(self.seq):  # else a stall resolution already ran it (generate)
             job = Job(0, device.done, len(self.seq), torch.tensor(self.seq[device.done:], dtype=torch.long), None)
             self._finish(job, self._run(job), 0)
         pred = device.preds[len(self.seq) - 1]
@@ -350,6 +394,34 @@ class Chain:
         self.unsure = self.confidence > 0 and confidence < self.confidence
         self.seq.append(token)
         device.approved = len(self.seq)
+
+    def _run_draft_head(self) -> None:
+        """Bring a feature-level draft head up to the last position (EAGLE's draft step).
+
+        Positions it ran from its own predicted feature whose true feature tier 1 has since computed are
+        run again (from the first of them), so the head always autoregresses from the verifier's own
+        features where they exist. Positions with a true feature before them run in one forward; the
+        rest (the newest draft tokens) one at a time, each from the head's prediction before it.
+        """
+        device, source = self.slots[0], self.slots[1]
+        stale = [p for p in self._inexact if p - 1 in source.features]
+        if stale:
+            device.done = min(device.done, min(stale))
+        end = len(self.seq)
+        while device.done < end:
+            start = stop = device.done
+            while stop < end and (stop == 0 or stop - 1 in source.features):
+                stop += 1
+            exact = stop > start
+            if not exact:  # the feature before ``start`` is the head's own prediction
+                stop = start + 1
+            zero = torch.zeros(device.tier.hidden_size)  # nothing precedes position 0
+            feats = torch.stack([zero if p == 0 else source.features[p - 1] if exact else device.hidden[p - 1]
+                                 for p in range(start, stop)])
+            job = Job(0, start, stop, torch.tensor(self.seq[start:stop], dtype=torch.long), feats)
+            self._finish(job, self._run(job), 0)
+            for p in range(start, stop):
+                (self._inexact.discard if exact else self._inexact.add)(p)
 
     def _token(self, pred: torch.Tensor) -> int:
         """The next token from a tier's prediction: its argmax id (greedy) or a sample of its probabilities."""
@@ -365,9 +437,10 @@ class Chain:
         for slot in self.slots:
             slot.done = min(slot.done, position)
             slot.approved = min(slot.approved, position)
-            for store in (slot.preds, slot.hidden):
+            for store in (slot.preds, slot.hidden, slot.features):
                 for p in [p for p in store if p >= position]:
                     del store[p]
+        self._inexact = {p for p in self._inexact if p < position}
 
     def _adapt(self, gamma: int, job: Job) -> int:
         """Adaptive draft length after a verification by tier 1.
@@ -375,7 +448,11 @@ class Chain:
         Sequential: grow on full acceptance, shrink on rejection. Pipelined: match the draft block to
         the verifier's forward time (median verify time / median device time per token).
         """
+        if len(self.slots) < 2:
+            return self.draft_len  # every verifier was dropped (_drop): the device drafts on alone
         if self.cost_aware and job.g == 1:
+            if gamma == 0:
+                return 0  # the last tier alone: when to draft again is the measured policy's call (_mode_policy)
             return self._cost_aware(gamma)
         if not self.adaptive or job.g != 1 or len(self.slots) < 2:
             return gamma
@@ -395,37 +472,90 @@ class Chain:
         return (accepted + 1.0) / (accepted + rejected + 2.0)
 
     def _cost_aware(self, gamma: int) -> int:
-        """Cost-aware draft length after a verification by tier 1 (acceptance.best_draft_len).
+        """The draft length after a verification by tier 1 while drafting (acceptance.best_draft_len).
 
         Costs are this run's medians: the device's time per drafted token and tier 1's forwards by
-        length (a line fitted over lengths). A verifier resuming from the device's hidden states
-        checks k positions and has no bonus token, and cannot run without the device (k ≥ 1 there:
-        k = 1 *is* its solo decoding); one reading token ids decodes alone at k = 0.
+        length (a line fitted over lengths). From token ids a round of k drafts runs k + 1 positions
+        (the pending bonus/correction token first) and yields a bonus token; resuming from the device's
+        hidden states it runs k and has none. k ≥ 1 here: whether to draft at all is decided by
+        measured speed, not by this model (_mode_policy).
         """
         device, slot = self.slots[0], self.slots[1]
         if slot.last_drafted:
             rejected = float(slot.last_accepted < slot.last_drafted)
             a, r = self.acceptance_counts
             self.acceptance_counts = [0.9 * a + slot.last_accepted, 0.9 * r + rejected]
-        lowest = 1 if slot.via_hidden else 0
-        if gamma == 0:  # solo: re-probe drafting now and then, else the estimate never moves
-            self.solo_tokens += 1
-            if self.solo_tokens < self.probe_every:
-                return 0
-            self.solo_tokens = 0
-            self.draft_len = max(2, self.min_draft)
-            self.policy_log.append(self.draft_len)
-            return self.draft_len
         drafts = [t for t, n in zip(device.job_s, device.job_len) if n == 1]
         if len(drafts) < 2 or len(slot.job_s) < 2:
             return gamma  # not measured yet
         draft_s = sorted(drafts)[len(drafts) // 2]
-        verify_s = verify_costs(list(zip(slot.job_len, slot.job_s)), self.max_draft)
-        k, _ = best_draft_len(self.acceptance_estimate(), draft_s, verify_s, verify_s[1],
-                              bonus=not slot.via_hidden, lowest=lowest)
+        fit = verify_costs(list(zip(slot.job_len, slot.job_s)), self.max_draft + 1)
+        bonus = not slot.via_hidden
+        verify_s = [0.0] + fit[2:] if bonus else fit[: self.max_draft + 1]
+        k, speed = best_draft_len(self.acceptance_estimate(), draft_s, verify_s, fit[1], bonus=bonus, lowest=max(1, self.min_draft))
+        self.predicted = (speed, 1.0 / fit[1])  # drafting vs the verifier alone, from medians (robust to load spikes)
         self.draft_len = k
         self.policy_log.append(k)
         return k
+
+    def _measured_modes(self) -> bool:
+        """Cost-aware chains whose last tier can decode alone (it reads token ids) choose between the
+        last tier alone and drafting by measured speed (_mode_policy)."""
+        return self.cost_aware and len(self.slots) > 1 and not self.slots[-1].via_hidden
+
+    def _mode_policy(self, gained: int, elapsed: float) -> None:
+        """Cost-aware chains: drafting, or the last tier alone, by measured speed ("defaults never lose").
+
+        Finalised tokens and wall time are credited to the current mode. The chain runs the mode it
+        believes faster (at first: the last tier alone, which never loses) for windows of
+        ``probe_every`` tokens and, every ``gap`` windows, tries the other one for a quarter window (3 tiers: half,
+        and drafting must win by 10 %; 2 tiers: also in the cost model of the probe's forwards); a
+        probe that loses doubles the gap (up to 32 windows), one that wins makes its mode the preferred
+        one. So a chain whose drafting does not pay spends a vanishing share of its tokens finding that
+        out, and one whose drafting pays switches to it after one probe. The state outlives generate()
+        calls (a server or a benchmark pays for the probes once, not per request).
+        """
+        mode = 0 if self.draft_len == 0 else 1
+        if mode != self.window_mode:  # the mode changed (a probe began or ended): a fresh window
+            self.window_mode, self.window_tokens, self.window_s = mode, 0, 0.0
+        self.window_tokens += gained
+        self.window_s += elapsed
+        probing = mode != self.preferred_mode
+        # a probe: a quarter window (2 tiers), half a window (3 tiers: the cloud finalises tokens in blocks)
+        probe_len = max(4, self.probe_every // (4 if len(self.slots) == 2 else 2))
+        solo_speed = self._mode_speeds()[0]
+        alone = 0.0 if solo_speed is None else self.window_s * solo_speed  # tokens the last tier alone made meanwhile
+        lost = probing and mode == 1 and alone > probe_len and self.window_tokens < alone
+        if self.window_tokens < (probe_len if probing else self.probe_every) and not lost:
+            return  # (a drafting probe behind the last tier alone after the time it needs for the whole probe has lost)
+        tokens, seconds = self.mode_rates[mode]  # a finished window; older ones count half as much
+        self.mode_rates[mode] = [0.5 * tokens + self.window_tokens, 0.5 * seconds + self.window_s]
+        self.window_tokens, self.window_s = 0, 0.0
+        speeds = self._mode_speeds()
+        if probing:
+            faster = not lost and speeds[mode] is not None and speeds[1 - mode] is not None and speeds[mode] > speeds[1 - mode]
+            if mode == 1 and len(self.slots) == 2:
+                # drafting must also win in the cost model of this probe's forwards (medians): a window's
+                # wall time on a loaded machine swings more than the gap between the modes
+                faster = faster and self.predicted is not None and self.predicted[0] > self.predicted[1]
+            elif mode == 1:  # 3 tiers (no cost model of two verifiers): by a clear margin
+                faster = faster and speeds[1] > 1.1 * speeds[0]
+            if faster:
+                self.preferred_mode, self.probe_gap = mode, 1
+            else:
+                self.probe_gap = min(32, 2 * self.probe_gap)
+            nxt = self.preferred_mode
+        else:
+            self.windows += 1
+            nxt = mode
+            if self.windows >= self.probe_gap:
+                self.windows, nxt = 0, 1 - mode
+        self.mode = nxt
+        self.draft_len = 0 if nxt == 0 else max(self.min_draft, self.initial_draft_len)
+        self.policy_log.append(self.draft_len)
+
+    def _mode_speeds(self) -> list[float | None]:
+        return [t / s if s > 0 else None for t, s in self.mode_rates]
 
     def _drop(self, g: int, why: str) -> None:
         """A verifier failed: fail (``on_verifier_loss="fail"``), or drop it and the tiers above and go on
@@ -440,19 +570,34 @@ class Chain:
         warnings.warn(message, stacklevel=2)
         self.warnings.append(message)
         del self.slots[g:]
+        if self.draft_len == 0 and not self._measured_modes():  # nobody left to decode alone: the device drafts
+            self.draft_len = max(self.min_draft, self.initial_draft_len)
 
     # ---------------------------------------------------------------- helpers
     def _reset(self, prompt: list[int]) -> None:
+        """A fresh generation: empty caches and predictions, and per-generation statistics from zero
+        (stats() describes one generate() call; a caller summing calls must not count one twice)."""
         self.seq = list(prompt)
         for slot in self.slots:
             slot.tier.reset()
             slot.done, slot.approved = 0, len(prompt)
             slot.preds.clear()
             slot.hidden.clear()
+            slot.features.clear()
             slot.job_s.clear()
             slot.job_len.clear()
-        self.acceptance_counts, self.solo_tokens, self.policy_log = [0.0, 0.0], 0, []
+            slot.accepted = slot.drafted = slot.calls = slot.produced = 0
+            slot.last_accepted = slot.last_drafted = 0
+            slot.busy_s = 0.0
+            if slot.link is not None:
+                slot.link.reset_stats()
+        self.acceptance_counts, self.policy_log = [0.0, 0.0], []
         self.stalls = 0
+        self._inexact, self._feeding = set(), False
+        self.predicted = None
+        if self._measured_modes():
+            # what earlier calls learnt carries over (the costs are the machine's, not the prompt's)
+            self.draft_len = 0 if self.mode == 0 else max(self.min_draft, self.initial_draft_len)
 
     def _finished(self, prompt_len: int, max_new_tokens: int) -> bool:
         final = self.seq[prompt_len:self.slots[-1].approved]
@@ -475,7 +620,7 @@ class Chain:
         for slot in self.slots:
             row = {"tier": slot.tier.name, "entry_layer": slot.tier.entry, "busy_s": round(slot.busy_s, 3)}
             if slot.link is not None:
-                row.update(accepted=slot.accepted, drafted=slot.drafted, calls=slot.calls,
+                row.update(accepted=slot.accepted, drafted=slot.drafted, calls=slot.calls, produced=slot.produced,
                            acceptance_rate=round(slot.accepted / max(1, slot.drafted), 3),
                            mean_accepted_len=round(slot.produced / max(1, slot.calls), 3), **slot.link.stats())
             tiers.append(row)
@@ -483,4 +628,8 @@ class Chain:
                 "tokens_per_s": round(new_tokens / seconds, 2) if seconds > 0 else 0.0,
                 "tiers": tiers, "warnings": list(self.warnings), "stalls_resolved": self.stalls, "verified": self.verified,
                 **({"draft_lens_chosen": {str(k): self.policy_log.count(k) for k in sorted(set(self.policy_log))},
-                    "acceptance_estimate": round(self.acceptance_estimate(), 3)} if self.cost_aware else {})}
+                    "acceptance_estimate": round(self.acceptance_estimate(), 3),
+                    "preferred": "drafting" if self.preferred_mode else "last tier alone",
+                    "measured_tokens_per_s": dict(zip(("last tier alone", "drafting"),
+                                                      [None if v is None else round(v, 2) for v in self._mode_speeds()]))}
+                 if self.cost_aware else {})}

@@ -12,10 +12,12 @@ import torch
 
 from aiflow_fl.config import AiflowConfig, LinkConfig
 from aiflow_fl.errors import AiflowError
+from aiflow_fl.layers import use_row_adaptive_head
 from aiflow_fl.serving.build import eos_ids, local_chain, resume_layer
 from aiflow_fl.serving.chain import Chain
 from aiflow_fl.serving.link import Link
-from aiflow_fl.serving.members import LocalTier, Member, draft_vocabulary, early_exit_members, family_members
+from aiflow_fl.family.member import Member, early_exit_member, early_exit_members, load_family_member
+from aiflow_fl.serving.tiers import LocalTier, draft_vocabulary
 
 TIER_NAMES = ("device", "edge", "cloud")
 
@@ -61,7 +63,8 @@ def resolve_members(cfg: AiflowConfig, tiers: list[str], family: str | None) -> 
         names = list(s.members) or _default_family_members([m for m in specs], len(tiers))
         if len(names) != len(tiers):
             raise AiflowError(f"serving.members lists {len(names)} members for {len(tiers)} tiers ({','.join(tiers)}).")
-        return family_members(family, names)
+        members = [load_family_member(family, name) for name in names]
+        return members, members[0].tokenizer
     from aiflow_fl.models import load_backbone
 
     loaded = load_backbone(cfg.model.name)
@@ -71,7 +74,7 @@ def resolve_members(cfg: AiflowConfig, tiers: list[str], family: str | None) -> 
             f"--exits {','.join(map(str, exits))} gives {len(exits) + 1} tiers (each exit + the full model) but "
             f"--tiers names {len(tiers)}; give {len(tiers) - 1} exit(s)."
         )
-    return early_exit_members(loaded.model, exits), loaded.tokenizer
+    return early_exit_members(loaded.model, exits, loaded.tokenizer), loaded.tokenizer
 
 
 def _default_family_members(specs: list[dict], count: int) -> list[str]:
@@ -95,13 +98,26 @@ def build_chain(cfg: AiflowConfig, tiers: list[str], family: str | None = None, 
     if "device" in remote:
         raise AiflowError("The device tier runs here; only edge and cloud can be remote.")
     members, tokenizer = resolve_members(cfg, tiers, family)
+    for member in members:  # cheaper 1-5 row LM-head products for decoding and verification (same weights)
+        use_row_adaptive_head(member.model)
     eos = eos_ids(members[-1].model, tokenizer)
     links = chain_links(tiers, cfg)
     blocks = [1] + ([s.cloud_block] if len(tiers) == 3 else [])
     options = dict(draft_len=s.draft_len, adaptive=s.adaptive, min_draft=s.min_draft_len, max_draft=max(s.max_draft_len, s.draft_len),
                    blocks=blocks, temperature=s.temperature, pipelined=s.pipelined, seed=s.seed, cores=cores,
-                   confidence=s.draft_confidence, cost_aware=s.cost_aware, probe_every=s.probe_every,
+                   confidence=s.draft_confidence, cost_aware=s.cost_aware and not s.pipelined, probe_every=s.probe_every,
                    on_verifier_loss=s.on_verifier_loss)
+    if len(tiers) == 2 and s.draft_head != "off" and not remote:
+        from aiflow_fl.serving.build import head_chain
+        from aiflow_fl.serving.draft_head import resolve_draft_head
+
+        head = resolve_draft_head(s.draft_head, members[-1].model)
+        if head is not None:  # the feature-level head drafts for the last tier (it reads that tier's features)
+            options.update(blocks=[1], confidence=0.0)
+            return head_chain(head, members[-1], links=links, eos_token_ids=eos, **options), tokenizer
+    elif s.draft_head not in ("off", "auto"):
+        raise AiflowError(f"serving.draft_head={s.draft_head} drafts for a local verifier in a 2-tier chain (device,edge or "
+                          f"device,cloud); got tiers {','.join(tiers)}{' with remote ' + ','.join(remote) if remote else ''}.")
     if not remote:
         return local_chain(members, reuse=s.reuse, draft_vocab=s.draft_vocab, links=links, eos_token_ids=eos, **options), tokenizer
     from aiflow_fl.serving.server import RemoteTier
@@ -119,14 +135,15 @@ def build_chain(cfg: AiflowConfig, tiers: list[str], family: str | None = None, 
                 warnings.warn(f"skipping the {name} tier: {exc}", stacklevel=2)
                 unverified.append(name)
                 continue
-            member = Member(tier.name, None, tier.exit_layer, shared_layers=tier.shared_layers)  # type: ignore[arg-type]
-            tier.entry = resume_layer(low, member) if s.reuse else 0
+            tier.entry = resume_layer(low, tier) if s.reuse else 0
         else:
             tier = LocalTier(member, resume_layer(low, member) if s.reuse else 0)
         built.append(tier)
         kept.append(name)
-        low = member
+        low = tier if name in remote else member  # a RemoteTier reports exit_layer / shared_layers too
     options["blocks"] = [1] + ([s.cloud_block] if len(kept) == 3 else [])
+    if options["cost_aware"] and len(built) > 1:
+        built[-1].entry = 0  # as local_chain: the last tier reads token ids so it can decode alone
     chain = Chain(built, links=chain_links(kept, cfg), eos_token_ids=eos, **options)
     if unverified:
         chain.verified = False

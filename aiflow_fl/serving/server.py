@@ -40,8 +40,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from aiflow_fl.errors import AiflowError
+from aiflow_fl.family.member import Member
 from aiflow_fl.serving.chain import TierUnavailable
-from aiflow_fl.serving.members import LocalTier, Member, TierOutput
+from aiflow_fl.serving.tiers import LocalTier, TierOutput
 
 
 def pack(header: dict, *arrays: np.ndarray) -> bytes:

@@ -18,7 +18,8 @@ from aiflow_fl.config import ServingConfig
 from aiflow_fl.serving.build import resume_layer
 from aiflow_fl.serving.chain import Cancelled, Chain, VerifierLost
 from aiflow_fl.serving.link import Link
-from aiflow_fl.serving.members import LocalTier, Member, draft_vocabulary
+from aiflow_fl.family.member import Member
+from aiflow_fl.serving.tiers import LocalTier, draft_vocabulary
 from aiflow_fl.serving.api.metrics import Metrics
 from aiflow_fl.serving.api.scheduler import Event, Sequence
 
@@ -37,9 +38,19 @@ class RemoteMember:
     def spec(self) -> dict:
         return next(m for m in self.info["members"] if m["name"] == self.name)
 
-    def as_member(self) -> Member:
+    def as_member(self) -> "RemoteLayers":
+        """What the chain needs to know about a remote member's layers (to resume from a lower tier's cache)."""
         spec = self.spec
-        return Member(self.name, None, int(spec["exit_layer"]), shared_layers=int(spec["shared_layers"]))  # type: ignore[arg-type]
+        return RemoteLayers(self.name, int(spec["exit_layer"]), int(spec["shared_layers"]))
+
+
+@dataclass(frozen=True)
+class RemoteLayers:
+    """The layer counts of a remote member (no weights here): what :func:`resume_layer` reads."""
+
+    name: str
+    exit_layer: int
+    shared_layers: int
 
 
 class ChainRunner:

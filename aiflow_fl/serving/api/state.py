@@ -18,7 +18,7 @@ from aiflow_fl.serving.api.batch import MemberEngine
 from aiflow_fl.serving.api.chains import ChainRunner, RemoteMember
 from aiflow_fl.serving.api.errors import APIError
 from aiflow_fl.serving.api.metrics import Metrics
-from aiflow_fl.serving.members import Member
+from aiflow_fl.family.member import Member
 
 
 def family_folder(path: str | Path) -> Path:
@@ -88,20 +88,21 @@ class ServerState:
         specs: list[dict] = []
         if self.family:
             from aiflow_fl.family.family import describe_folder
-            from aiflow_fl.serving.members import family_members
+            from aiflow_fl.family.member import load_family_member
 
             folder = family_folder(self.family)
             specs = describe_folder(folder)["members"]
             names = self.only or [m["name"] for m in specs if m["name"] not in self.remote]
-            loaded, self.tokenizer = family_members(str(folder), names)
+            loaded = [load_family_member(str(folder), name) for name in names]
+            self.tokenizer = loaded[0].tokenizer
         else:
             from aiflow_fl.models import load_backbone
-            from aiflow_fl.serving.members import early_exit_members
+            from aiflow_fl.family.member import early_exit_member
 
             backbone = load_backbone(self.model_name or self.cfg.model.name)
             layers = backbone.model.config.num_hidden_layers
             k = layers if self.exit_layer is None else self.exit_layer
-            loaded = early_exit_members(backbone.model, [k])[:1] if k < layers else [Member("full", backbone.model, layers)]
+            loaded = [early_exit_member(backbone.model, "full" if k == layers else f"exit-{k}", backbone.tokenizer)]
             self.tokenizer = backbone.tokenizer
         for member in loaded:
             self.members[member.name] = member

@@ -1,6 +1,7 @@
-"""Family members: what each one is (``MemberSpec``), how it is assembled, and its alignment keys.
+"""What each family member is (``MemberSpec``), how its module tree is assembled, and its alignment keys.
 
-A member IS a transformers causal LM (``LlamaForCausalLM`` / ``Qwen2ForCausalLM``) with fewer or
+The object every consumer takes is :class:`aiflow_fl.family.member.Member` (model + spec + tokenizer);
+this module is the description and assembly underneath it. A member IS a transformers causal LM (``LlamaForCausalLM`` / ``Qwen2ForCausalLM``) with fewer or
 low-rank layers, so ``forward(labels=...)``, ``generate`` with its KV cache, and peft work unchanged.
 
 Kinds (paper §III-B):
@@ -12,7 +13,8 @@ Kinds (paper §III-B):
   ``config.num_hidden_layers`` is ``exit + 1``; the branch sits at index ``exit`` (so it uses KV-cache
   slot ``exit``). A member whose ratio is below its stored branch's uses a prefix of the factors
   (a partial branch).
-* ``head``  — the paper's baseline: the first ``exit`` layers, then the final norm and LM head.
+* ``exit``  — a plain early exit (the paper's direct-head baseline): the first ``exit`` layers, then
+  the final norm and LM head.
 * ``hpcd``  — every decoder linear as the sum of the first ``components`` residual low-rank
   components (each of parameter ratio ``ratio``); norms and embeddings are the backbone's.
 
@@ -40,7 +42,7 @@ from aiflow_fl.errors import AiflowError
 from aiflow_fl.family.svd import DecomposedLinear, rank_for_ratio
 from aiflow_fl.models import SUPPORTED_ARCHITECTURES
 
-KINDS = ("full", "eesb", "head", "hpcd")
+KINDS = ("full", "eesb", "exit", "hpcd")
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _LAYER_PATH = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -50,7 +52,7 @@ _PEFT_PREFIX = "base_model.model."
 
 @dataclass
 class MemberSpec:
-    """One member of a family. ``exit``: shared backbone layers (eesb/head); ``components``: k (hpcd)."""
+    """One member of a family. ``exit``: shared backbone layers (eesb/exit); ``components``: k (hpcd)."""
 
     name: str
     kind: str
@@ -68,7 +70,7 @@ class MemberSpec:
 
     def shared_layers(self, backbone_layers: int) -> int:
         """How many leading decoder layers are the backbone's own, unchanged weights."""
-        if self.kind in ("eesb", "head"):
+        if self.kind in ("eesb", "exit"):
             return self.exit
         return backbone_layers if self.kind == "full" else 0
 
@@ -91,7 +93,7 @@ def check_exit(exit_layer: int, num_layers: int, kind: str = "eesb") -> int:
     if not isinstance(exit_layer, int) or not 0 <= exit_layer <= top:
         raise AiflowError(
             f"Exit layer {exit_layer!r} is outside the allowed range 0..{top} for a {num_layers}-layer backbone "
-            f"({'the branch copies decoder layer `exit`, so it must exist' if kind == 'eesb' else 'layers kept by the direct head'})."
+            f"({'the branch copies decoder layer `exit`, so it must exist' if kind == 'eesb' else 'layers kept by the early exit'})."
         )
     return exit_layer
 
@@ -237,7 +239,7 @@ def store_keys(
             mapping[key] = (key, None, 0)
             continue
         index, rest = int(match.group(1)), match.group(2)
-        if spec.kind in ("eesb", "head") and index >= spec.exit:
+        if spec.kind in ("eesb", "exit") and index >= spec.exit:
             continue
         if spec.kind == "hpcd":
             linear = rest.rsplit(".", 1)[0]

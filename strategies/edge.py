@@ -62,6 +62,13 @@ class EdgeAggregator:
             return {}
         return lowrank.add([self.accumulated, self.last.base]) if self.last.base else self.accumulated
 
+    def model_delta(self) -> Layers:
+        """Everything this edge merged this cloud round, exactly (no truncation): what its devices hold on
+        top of the cloud's base — an edge's specialist (``aiflow_fl.collab.specialists``)."""
+        if self.last is None:
+            raise RuntimeError(f"edge {self.edge_id} has merged nothing this cloud round")
+        return lowrank.add([self.accumulated, self.last.base, self.last.adapter])
+
     def upward(self) -> AdapterUpdate:
         """The one update this edge sends the cloud at the end of a cloud round."""
         if self.last is None:
