@@ -94,6 +94,10 @@ class ServerState:
             specs = describe_folder(folder)["members"]
             names = self.only or [m["name"] for m in specs if m["name"] not in self.remote]
             loaded = [load_family_member(str(folder), name) for name in names]
+            if self.cfg.serving.adapter:  # a federated run's trained weights (`aiflow demo` serves its run this way)
+                from aiflow_fl.federated.run import fold_run_update
+
+                fold_run_update(loaded, self.cfg.serving.adapter)
             self.tokenizer = loaded[0].tokenizer
         else:
             from aiflow_fl.models import load_backbone
