@@ -22,10 +22,13 @@ from aiflow_fl.family.member import Member
 
 
 def family_folder(path: str | Path) -> Path:
-    """A family folder, or a run folder that holds one (``family/``)."""
+    """A family folder, or a run folder that holds one (``family/``), checked against its SHA-256 manifest."""
     path = Path(path)
     for candidate in (path, path / "family"):
         if (candidate / "family.json").is_file():
+            from aiflow_fl.family.family import verify_folder
+
+            verify_folder(candidate)  # a damaged folder stops here, before the port opens and before any load
             return candidate
     raise AiflowError(f"{path} is neither a family folder (family.json) nor a run folder with family/family.json; "
                       "build one with `aiflow family build` or `aiflow demo`.")
