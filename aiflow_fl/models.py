@@ -218,6 +218,20 @@ def tiny_model(
     return model.eval()
 
 
+def tiny_model_folder(arch: str = "llama", num_layers: int = 2, hidden_size: int = 32, seed: int = 0) -> Path:
+    """A :func:`tiny_model` saved once with the real SmolLM2 tokenizer under the model cache
+    (``tests/tiny-<arch>-l<layers>-h<hidden>-seed<seed>``): a fixed path, so caches keyed by the model
+    folder (tokenized data) are reused across tests and benchmarks."""
+    path = cache_dir() / "tests" / f"tiny-{arch}-l{num_layers}-h{hidden_size}-seed{seed}"
+    if not (path / "config.json").is_file():
+        tmp = temp_dir_beside(path)
+        tiny_model(arch, num_layers=num_layers, hidden_size=hidden_size, seed=seed).save_pretrained(tmp)
+        load_tokenizer().save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    return path
+
+
 def count_parameters(module: torch.nn.Module) -> int:
     """Distinct parameters (tied embeddings counted once)."""
     seen: set[int] = set()

@@ -51,19 +51,9 @@ COMMON = [
 def tiny_member_dir() -> Path:
     """A tiny random Llama (2 layers, hidden 32, the real SmolLM2 tokenizer) saved once in the model
     cache: a member small enough that 1000 registered devices fit and a round takes seconds on CPU."""
-    import tempfile
+    from aiflow_fl.models import tiny_model_folder
 
-    from aiflow_fl.models import cache_dir, load_tokenizer, tiny_model
-
-    path = cache_dir() / "tests" / "tiny-llama-l2-h32-seed0"  # the same folder tests/test_privacy_federated.py makes
-    if not (path / "config.json").is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent))
-        tiny_model("llama", num_layers=2, hidden_size=32).save_pretrained(tmp)
-        load_tokenizer().save_pretrained(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
-    return path
+    return tiny_model_folder("llama", num_layers=2, hidden_size=32)
 
 
 def _settings(quick: bool) -> dict[str, Any]:

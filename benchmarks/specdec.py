@@ -389,6 +389,17 @@ MAX_K = 8
 SEQ_THREADS = 1
 
 
+def median_seconds(fn: Callable[[], Any], reps: int) -> float:
+    """Median wall time of ``reps`` calls of ``fn`` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def measure_costs(device: Member, full: Member, eos: list[int], ids: torch.Tensor, reps: int, max_k: int = MAX_K) -> dict[str, Any]:
     """Median seconds of the forwards a chain is made of, on this prompt's KV cache: the device
     drafting one token (its layers, branch and reduced head), the full model decoding one token
@@ -406,13 +417,7 @@ def measure_costs(device: Member, full: Member, eos: list[int], ids: torch.Tenso
     tokens = torch.arange(100, 100 + max_k)
 
     def median(fn: Callable[[], Any]) -> float:
-        fn()  # warm-up
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return median_seconds(fn, reps)
 
     draft_s = median(lambda: drafter.process(n, tokens=tokens[:1]))  # process() crops back to n first
     target_s = median(lambda: target.process(n, tokens=tokens[:1]))
@@ -436,13 +441,7 @@ def measure_head_costs(head, full: Member, ids: torch.Tensor, reps: int, max_k: 
     tokens = torch.arange(100, 101 + max_k)
 
     def median(fn: Callable[[], Any]) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return median_seconds(fn, reps)
 
     draft_s = median(lambda: drafter.process(n, tokens=tokens[:1], hidden=feats[-1:]))
     target_s = median(lambda: target.process(n, tokens=tokens[:1]))

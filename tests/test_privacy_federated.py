@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 from flwr.app import Context, RecordDict
@@ -13,26 +12,13 @@ from opacus.accountants import RDPAccountant
 from aiflow_fl.config import load_config
 from aiflow_fl.errors import AiflowError
 from aiflow_fl.federated.device import device_profile, device_train, load_device_data
-from aiflow_fl.models import load_tokenizer, tiny_model
+from aiflow_fl.models import load_tokenizer, tiny_model_folder
 
 
 @pytest.fixture(scope="module")
 def tiny_dir() -> str:
     """A tiny model folder at a fixed path, so the tokenized-data cache (keyed by it) is reused."""
-    import shutil
-    import tempfile
-
-    from aiflow_fl.models import cache_dir
-
-    path = cache_dir() / "tests" / "tiny-llama-l2-h32-seed0"
-    if not (path / "config.json").is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent))
-        tiny_model("llama", num_layers=2, hidden_size=32).save_pretrained(tmp)
-        load_tokenizer().save_pretrained(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
-    return str(path)
+    return str(tiny_model_folder("llama", num_layers=2, hidden_size=32))
 
 
 def config(tiny_dir: str, *extra: str):

@@ -113,18 +113,11 @@ class CompletionRequest(_Sampling):
             raise ValueError("the prompt is empty")
         return value
 
-    @field_validator("echo")
+    @field_validator("echo", "logprobs")
     @classmethod
-    def _no_echo(cls, value):
+    def _unsupported(cls, value, info):
         if value:
-            raise ValueError("echo is not supported")
-        return value
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value):
-        if value:
-            raise ValueError("logprobs are not supported")
+            raise ValueError(f"{info.field_name} is not supported")
         return value
 
     def limit(self) -> int | None:
