@@ -8,14 +8,14 @@ import torch
 from openai import OpenAI
 from transformers import AutoModelForCausalLM
 
-from aiflow_fl.serving.commands import start_server, stop_server
+from aiflow_fl.serving.api.main import start, stop
 
 
 @pytest.fixture(scope="module")
 def served(tiny_llama_dir):
-    proc, url = start_server(["--model", str(tiny_llama_dir)], timeout_s=120)
-    yield OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0), url
-    stop_server(proc)
+    server = start(["--model", str(tiny_llama_dir)], timeout_s=120)
+    yield OpenAI(base_url=server.base_url, api_key="unused", max_retries=0), server.url
+    stop(server.proc)
 
 
 def _reference(tiny_llama_dir, tokenizer, prompt: str, n: int) -> list[int]:

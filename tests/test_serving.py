@@ -14,7 +14,9 @@ from test_specdec import one_thread, reference, scrambled  # noqa: F401  (one_th
 
 from aiflow_fl.config import load_config
 from aiflow_fl.errors import AiflowError
-from aiflow_fl.serving.commands import build_chain, check_tiers, parse_remote, start_server, stop_server
+from aiflow_fl.serving.api.main import start as start_server
+from aiflow_fl.serving.api.main import stop as stop_server
+from aiflow_fl.serving.commands import build_chain, check_tiers, parse_remote
 from aiflow_fl.family.member import early_exit_member
 
 
@@ -34,10 +36,10 @@ def servers(model_dir):
     try:
         for args in (["--tier", "edge", "--model", str(model_dir), "--exit", "4"], ["--tier", "cloud", "--model", str(model_dir)]):
             started.append(start_server(args + ["--threads", "1"], timeout_s=120))
-        yield {"edge": started[0][1], "cloud": started[1][1], "procs": [p for p, _ in started]}
+        yield {"edge": started[0].url, "cloud": started[1].url, "procs": [s.proc for s in started]}
     finally:
-        for proc, _ in started:
-            stop_server(proc)
+        for server in started:
+            stop_server(server.proc)
 
 
 def config(model_dir, *extra: str):
@@ -85,7 +87,8 @@ def test_frozen_or_dead_verifier_degrades_to_device_only(model_dir, servers):  #
     """A verifier that stops answering (SIGSTOP) or is gone: warning, device-only output, no hang."""
     ids = torch.randint(3, 500, (1, 9), generator=torch.Generator().manual_seed(5))
     cfg = config(model_dir, "serving.timeout_s=2", "serving.exits=[2]", "serving.draft_len=3", "serving.on_verifier_loss=device")
-    proc, url = start_server(["--tier", "edge", "--model", str(model_dir), "--exit", "4", "--threads", "1"], timeout_s=120)
+    server = start_server(["--tier", "edge", "--model", str(model_dir), "--exit", "4", "--threads", "1"], timeout_s=120)
+    proc, url = server.proc, server.url
     try:
         chain, _ = build_chain(cfg, ["device", "edge"], remote={"edge": url})
         os.kill(proc.pid, signal.SIGSTOP)

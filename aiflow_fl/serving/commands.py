@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 import warnings
@@ -192,21 +191,6 @@ def generate(cfg: AiflowConfig, prompt: str, tiers: list[str], family: str | Non
         console.print("[red]UNVERIFIED:[/] a verifier was lost; this answer is the device member's alone "
                       "(serving.on_verifier_loss=device). Exit status 3.")
     return result.stats
-
-
-def start_server(args: list[str], timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
-    """Start ``aiflow serve ARGS`` as a child process, wait until it is healthy; returns (process, url)."""
-    from aiflow_fl.serving.api.main import start
-
-    server = start(args, timeout_s=timeout_s)
-    return server.proc, server.url
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    """Stop a server started by :func:`start_server` (terminate, then kill)."""
-    from aiflow_fl.serving.api.main import stop
-
-    stop(proc)
 
 
 def parse_remote(items: list[str]) -> dict[str, str]:
