@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import torch
 
+from aiflow_fl.serving.acceptance import probs_from_logits
+
 
 def nucleus_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
-    """(V,) probabilities after temperature and top-p truncation (sums to 1)."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    """(V,) probabilities after temperature (the chain's own :func:`probs_from_logits`) and top-p truncation (sums to 1)."""
+    probs = probs_from_logits(logits, temperature)
     if top_p >= 1.0:
         return probs
     ordered, order = torch.sort(probs, descending=True)
