@@ -28,6 +28,8 @@ from typing import Any, Protocol
 
 import torch
 
+from aiflow_fl.generation import chat_template_ids
+
 
 @dataclass
 class AgentReply:
@@ -73,8 +75,7 @@ def chat_prompt_ids(tokenizer, messages: list[dict[str, str]], system_prompt: st
     if system_prompt and not any(m["role"] == "system" for m in messages):
         messages = [{"role": "system", "content": system_prompt}, *messages]
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return chat_template_ids(tokenizer, messages)
     text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
     return tokenizer(text, add_special_tokens=False).input_ids
 

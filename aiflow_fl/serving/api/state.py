@@ -169,9 +169,9 @@ class ServerState:
     def chat_ids(self, messages: list[dict]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "This model's tokenizer has no chat template; use /v1/completions.", "messages")
-        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
-        return [int(i) for i in (ids[0] if ids and isinstance(ids[0], list) else ids)]
+        from aiflow_fl.generation import chat_template_ids
+
+        return chat_template_ids(self.tokenizer, messages)
 
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
