@@ -275,7 +275,7 @@ class CollabConfig:
 class TofcConfig:
     """Task-oriented feature compression (paper §II-B1): see aiflow_fl/tofc."""
 
-    member_exit: int = 4  # language member: the family's head member at this exit layer (0: the full backbone)
+    member: str = "exit-4"  # the family's language member on the edge (member_from_config: exit-k, eesb-i, full, or a built family's member)
     merged_tokens: int = 8  # n_c, DPC-KNN clusters of the 64 encoder tokens
     knn: int = 5  # k of DPC-KNN's densities
     latent: int = 32  # D, the codec's latent per merged token

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from aiflow_fl.errors import AiflowError
+from aiflow_fl.layers import decoder_of
 
 PROMPT = "\nQuestion: {question}\nAnswer:"
 
@@ -32,23 +33,18 @@ class Projector(nn.Module):
         return self.net(tokens)
 
 
-def language_member(exit_layer: int | None = None, model_name: str | None = None):
-    """A language member of the family: the embedded backbone (``exit_layer`` None) or the family's
-    ``head`` member at ``exit_layer`` (its first layers, the shared final norm and LM head), built by
-    the family code. Returns ``(model, tokenizer)``, frozen, in eval mode."""
-    from aiflow_fl.models import DEFAULT_MODEL, load_backbone
+def language_member(cfg, name: str | None = None):
+    """The family's language member ``name`` (default ``cfg.tofc.member``) as THE family
+    :class:`~aiflow_fl.family.member.Member` (:func:`~aiflow_fl.family.member.member_from_config`:
+    a member of the family built in ``family.dir``, else the early exit ``name`` of ``model.name``),
+    frozen and in eval mode."""
+    from aiflow_fl.family.member import member_from_config
 
-    loaded = load_backbone(model_name or DEFAULT_MODEL)
-    model = loaded.model
-    if exit_layer is not None and exit_layer < model.config.num_hidden_layers:
-        from aiflow_fl.family.family import empty_family, head_member
-
-        family = empty_family(model, loaded.tokenizer)
-        model = family.build(head_member(family, exit_layer))
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, loaded.tokenizer
+    member = member_from_config(cfg, name or cfg.tofc.member)
+    member.model.eval().requires_grad_(False)
+    if member.tokenizer is None:
+        raise AiflowError(f"Member '{member.name}' has no tokenizer; TOFC's edge needs one for the question.")
+    return member
 
 
 @dataclass
@@ -62,16 +58,19 @@ class Batch:
 class EdgeModel(nn.Module):
     """Projector + frozen language member + the answers' first tokens."""
 
-    def __init__(self, member: nn.Module, tokenizer, answers: list[str], channels: int) -> None:
+    def __init__(self, member, answers: list[str], channels: int) -> None:
+        """``member``: the family's :class:`~aiflow_fl.family.member.Member` (frozen; its causal LM is
+        deliberately not a submodule, so ``state_dict`` holds the projector only)."""
         super().__init__()
         self.member = member
-        self.tokenizer = tokenizer
+        self.tokenizer = member.tokenizer
+        tokenizer = self.tokenizer
         self.answers = list(answers)
         first = [tokenizer(" " + a, add_special_tokens=False)["input_ids"][0] for a in self.answers]
         if len(set(first)) != len(first):
             raise AiflowError("The answers' first tokens are not distinct under this tokenizer; scoring would be ambiguous.")
         self.register_buffer("answer_ids", torch.tensor(first), persistent=False)
-        self.projector = Projector(channels, member.config.hidden_size)
+        self.projector = Projector(channels, member.hidden_size)
         self._question_cache: dict[str, list[int]] = {}
 
     def question_ids(self, question: str) -> list[int]:
@@ -92,7 +91,7 @@ class EdgeModel(nn.Module):
 
     def embeds(self, visual: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """[projected visual; question embeddings] and the answer position of each row."""
-        text = self.member.get_input_embeddings()(batch.ids)
+        text = self.member.model.get_input_embeddings()(batch.ids)
         projected = self.projector(visual.to(text.dtype))
         return torch.cat([projected, text], dim=1), batch.last + visual.shape[1]
 
@@ -101,14 +100,15 @@ class EdgeModel(nn.Module):
         attention is causal, so padded positions after a row's last token never affect it."""
         batch = self.batch(questions)
         embeds, last = self.embeds(visual, batch)
-        hidden = self.member.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        hidden = decoder_of(self.member.model)(inputs_embeds=embeds, use_cache=False).last_hidden_state
         h = hidden[torch.arange(len(questions)), last]
-        return self.member.get_output_embeddings()(h)
+        return self.member.model.get_output_embeddings()(h)
 
     def loss(self, visual: torch.Tensor, questions: list[str], answers: torch.Tensor) -> torch.Tensor:
-        """Answer cross-entropy (nats) over the whole vocabulary of the answer's first token."""
-        logits = self.next_token_logits(visual, questions)
-        return nn.functional.cross_entropy(logits.float(), self.answer_ids[answers])
+        """Answer cross-entropy (nats) among the candidate answers' first tokens: the member's logits of
+        those tokens, softmaxed over the candidates (the scoring :meth:`predict` uses)."""
+        logits = self.next_token_logits(visual, questions)[:, self.answer_ids]
+        return nn.functional.cross_entropy(logits.float(), answers)
 
     @torch.no_grad()
     def predict(self, visual: torch.Tensor, questions: list[str]) -> torch.Tensor:
@@ -119,7 +119,7 @@ class EdgeModel(nn.Module):
     def generate(self, visual: torch.Tensor, question: str, max_new_tokens: int = 4) -> str:
         """The member's greedy answer text for one image (visual (1, n, C)), via inputs_embeds."""
         embeds, _ = self.embeds(visual, self.batch([question]))
-        out = self.member.generate(
+        out = self.member.model.generate(
             inputs_embeds=embeds,
             attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
             max_new_tokens=max_new_tokens,

@@ -62,7 +62,7 @@ def load_encoder() -> TokenEncoder:
 
 def preprocess(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """RGB uint8 (B, H, W, 3) → normalised (B, 3, 128, 128): bilinear resize, then (x − 127)/128."""
-    x = torch.as_tensor(np.asarray(images))
+    x = torch.as_tensor(np.array(images))  # a copy: arrays from PIL are read-only
     if x.dim() == 3:
         x = x[None]
     if x.dim() != 4 or x.shape[-1] != 3:

@@ -112,11 +112,13 @@ def edge_answer(system, data: bytes, question: str, generate: bool = True) -> Ed
 
 
 def ask(image, question: str, lam: float | None = None, two_process: bool = False, link_kbps: float = 64.0,
-        link_latency_ms: float = 5.0, system=None, overrides: list[str] | None = None, resize: bool = False) -> AskResult:
+        link_latency_ms: float = 5.0, system=None, overrides: list[str] | None = None, resize: bool = False,
+        edge_url: str | None = None) -> AskResult:
     """Answer ``question`` about ``image`` (a path, encoded bytes or an RGB uint8 array) through TOFC.
 
-    Uses the trained system of the configured recipe (``aiflow tofc train`` first). ``two_process``:
-    the edge runs as a separate process on loopback and the real bitstream crosses the socket.
+    Uses the trained system of the configured recipe (``aiflow tofc train`` first). ``edge_url``
+    (``tcp://127.0.0.1:PORT`` of ``aiflow tofc edge``): the real bitstream goes over the socket to
+    that edge process. ``two_process``: the same with an edge process started for this call.
     The reported latency is device + link (the link model at ``link_kbps``) + edge (the scored
     answer's compute; generating the text is not counted).
     """
@@ -130,11 +132,20 @@ def ask(image, question: str, lam: float | None = None, two_process: bool = Fals
     device = device_encode(system, pixels, lam)
     link = Link(name="device-edge", latency_ms=link_latency_ms, bandwidth_mbps=link_kbps / 1000.0)
     link_s = link.send(len(device.bitstream), up=True, sleep=False)
-    if two_process:
-        with EdgeProcess(overrides) as edge_proc:
+    if not question or not question.strip():
+        raise AiflowError("The question is empty.")
+    if edge_url or two_process:
+        if edge_url:
             start = time.perf_counter()
-            reply = edge_proc.ask(device.bitstream, question)
+            reply = ask_edge(edge_url, device.bitstream, question)
             wire_s = time.perf_counter() - start - reply["edge_s"]
+        else:
+            with EdgeProcess(overrides) as edge_proc:
+                start = time.perf_counter()
+                reply = edge_proc.ask(device.bitstream, question)
+                wire_s = time.perf_counter() - start - reply["edge_s"]
+        if reply.get("bytes_received") != len(device.bitstream):
+            raise AiflowError(f"The TOFC edge received {reply.get('bytes_received')} bytes, the device sent {len(device.bitstream)}.")
         edge = EdgeResult(reply["answer"], reply["text"], reply["edge_s"])
         transport = "loopback"
     else:
@@ -147,7 +158,7 @@ def load(overrides: list[str] | None = None):
     from aiflow_fl.config import load_config
     from aiflow_fl.tofc.system import load_system
 
-    return load_system(load_config(list(overrides or [])).tofc)
+    return load_system(load_config(list(overrides or [])))
 
 
 # ---- the edge as a process ------------------------------------------------------------------------
@@ -166,8 +177,13 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(chunks)
 
 
+MAX_FRAME = 1 << 24  # 16 MiB: far above any image's bitstream, refuses a garbage length field
+
+
 def _recv_frame(sock: socket.socket) -> bytes:
     (length,) = struct.unpack(">I", _recv_exact(sock, 4))
+    if length > MAX_FRAME:
+        raise AiflowError(f"TOFC message announces {length} bytes, more than the {MAX_FRAME} allowed.")
     return _recv_exact(sock, length)
 
 
@@ -184,17 +200,43 @@ def serve_edge(system, port: int = 0, ready=print) -> None:
                          "bytes_received": len(data)}
             except AiflowError as exc:
                 reply = {"ok": False, "error": str(exc)}
+            except ValueError as exc:  # a request header that is not JSON
+                reply = {"ok": False, "error": f"malformed request ({exc})"}
             _send_frame(self.request, json.dumps(reply).encode())
 
     socketserver.TCPServer.allow_reuse_address = True
     with socketserver.TCPServer(("127.0.0.1", port), Handler) as server:
-        ready(f"READY PORT {server.server_address[1]}")
+        ready(f"READY PORT {server.server_address[1]} tcp://127.0.0.1:{server.server_address[1]}")
         sys.stdout.flush()
         server.serve_forever()
 
 
+def parse_edge_url(url: str) -> tuple[str, int]:
+    """``tcp://HOST:PORT`` or ``HOST:PORT`` → (host, port)."""
+    rest = url[len("tcp://"):] if url.startswith("tcp://") else url
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise AiflowError(f"Edge URL '{url}' is not tcp://HOST:PORT (as `aiflow tofc edge` prints it).")
+    return host, int(port)
+
+
+def ask_edge(url: str, data: bytes, question: str, generate: bool = True, timeout_s: float = 300.0) -> dict:
+    """Send one question and bitstream to an edge process; its JSON reply (AiflowError if it refused)."""
+    host, port = parse_edge_url(url)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            _send_frame(sock, json.dumps({"question": question, "generate": generate}).encode())
+            _send_frame(sock, data)
+            reply = json.loads(_recv_frame(sock))
+    except OSError as exc:
+        raise AiflowError(f"Cannot reach the TOFC edge at {url} ({exc}).") from exc
+    if not reply.get("ok"):
+        raise AiflowError(f"TOFC edge: {reply.get('error')}")
+    return reply
+
+
 class EdgeProcess:
-    """``python -m aiflow_fl.tofc.runner`` as a child process serving the edge on a free port."""
+    """``aiflow tofc edge --port 0`` as a child process serving the edge on a free loopback port."""
 
     def __init__(self, overrides: list[str] | None = None, timeout_s: float = 300.0) -> None:
         self.overrides = list(overrides or [])
@@ -208,7 +250,7 @@ class EdgeProcess:
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-        self.proc = subprocess.Popen([sys.executable, "-m", "aiflow_fl.tofc.runner", *self.overrides],
+        self.proc = subprocess.Popen([sys.executable, "-m", "aiflow_fl.cli", "tofc", "edge", "--port", "0", *self.overrides],
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
         deadline = time.monotonic() + self.timeout_s
         assert self.proc.stdout is not None
@@ -217,18 +259,16 @@ class EdgeProcess:
             if not line:
                 raise AiflowError("The TOFC edge process exited before it was ready (is the system trained?).")
             if line.startswith("READY PORT "):
-                self.port = int(line.split()[2])
+                self.port = int(line.split()[2])  # READY PORT n URL
                 return self
         raise AiflowError("The TOFC edge process did not become ready in time.")
 
+    @property
+    def url(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
     def ask(self, data: bytes, question: str, generate: bool = True) -> dict:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout_s) as sock:
-            _send_frame(sock, json.dumps({"question": question, "generate": generate}).encode())
-            _send_frame(sock, data)
-            reply = json.loads(_recv_frame(sock))
-        if not reply.get("ok"):
-            raise AiflowError(f"TOFC edge: {reply.get('error')}")
-        return reply
+        return ask_edge(self.url, data, question, generate, self.timeout_s)
 
     def __exit__(self, *exc) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -237,8 +277,3 @@ class EdgeProcess:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-
-
-if __name__ == "__main__":  # the edge process: python -m aiflow_fl.tofc.runner [overrides]
-    torch.set_num_threads(1)
-    serve_edge(load(sys.argv[1:]))

@@ -88,26 +88,39 @@ def codec_config(cfg) -> CodecConfig:
                        temperature=cfg.temperature)
 
 
-def recipe_key(cfg) -> str:
-    """Hash of everything that changes the trained weights (not the evaluation settings)."""
-    recipe = asdict(cfg) if hasattr(cfg, "__dataclass_fields__") else dict(cfg)
-    recipe = {k: v for k, v in recipe.items() if k not in ("eval_questions", "lambdas")}
+def _plain(cfg) -> dict:
+    if hasattr(cfg, "__dataclass_fields__"):
+        return asdict(cfg)
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+
+
+def recipe_key(config) -> str:
+    """Hash of everything that changes the trained weights: the TOFC recipe (not the evaluation
+    settings or the λ list: each λ's codec is its own file) and the language member it feeds."""
+    from aiflow_fl.family.member import family_built
+
+    recipe = {k: v for k, v in _plain(config.tofc).items() if k not in ("eval_questions", "lambdas")}
     recipe["format"] = RECIPE_FORMAT
+    recipe["model"] = [str(config.model.name), str(config.model.dtype)]
+    recipe["family"] = str(Path(config.family.dir).resolve()) if family_built(config) else ""
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def model_dir(cfg) -> Path:
-    return cache_dir() / "tofc" / "models" / recipe_key(cfg)
+def model_dir(config) -> Path:
+    return cache_dir() / "tofc" / "models" / recipe_key(config)
 
 
-def member_for(cfg):
+def member_for(config):
+    """The edge model: a fresh projector (seeded) in front of the family member ``tofc.member``."""
     from aiflow_fl.tofc.data import answer_names
     from aiflow_fl.tofc.edge import EdgeModel, language_member
     from aiflow_fl.tofc.encoder import TOKEN_CHANNELS
 
-    member, tokenizer = language_member(cfg.member_exit or None)
-    torch.manual_seed(cfg.seed)
-    return EdgeModel(member, tokenizer, answer_names(), TOKEN_CHANNELS)
+    member = language_member(config)
+    torch.manual_seed(config.tofc.seed)
+    return EdgeModel(member, answer_names(), TOKEN_CHANNELS)
 
 
 @dataclass
@@ -213,14 +226,16 @@ def _save(system: TofcSystem, folder: Path) -> None:
     atomic_write_bytes(folder / "info.json", json.dumps(system.info, indent=1).encode())
 
 
-def load_system(cfg, lambdas: list[float] | None = None) -> TofcSystem:
-    """The trained system of this recipe from the cache (AiflowError if it was never trained)."""
+def load_system(config, lambdas: list[float] | None = None) -> TofcSystem:
+    """The trained system of this recipe (``config``: the whole AiflowConfig) from the cache
+    (AiflowError if it was never trained)."""
     from safetensors.torch import load_file
 
-    folder = model_dir(cfg)
+    cfg = config.tofc
+    folder = model_dir(config)
     if not (folder / "projector.safetensors").is_file():
         raise AiflowError(f"No trained TOFC system for this recipe in {folder}; run `aiflow tofc train` first.")
-    edge = member_for(cfg)
+    edge = member_for(config)
     edge.projector.load_state_dict(load_file(str(folder / "projector.safetensors")))
     edge.projector.eval()
     for p in edge.projector.parameters():
@@ -237,12 +252,13 @@ def load_system(cfg, lambdas: list[float] | None = None) -> TofcSystem:
     return system
 
 
-def train_system(cfg, progress: Progress | None = None, retrain: bool = False) -> TofcSystem:
+def train_system(config, progress: Progress | None = None, retrain: bool = False) -> TofcSystem:
     """Train what the cache lacks (projector, then each λ's codec) and return the whole system."""
-    folder = model_dir(cfg)
+    cfg = config.tofc
+    folder = model_dir(config)
     if not retrain:
         try:
-            system = load_system(cfg)
+            system = load_system(config)
             if all(float(l) in system.codecs for l in cfg.lambdas):
                 _say(progress, f"TOFC system loaded from {folder}")
                 return system
@@ -251,18 +267,18 @@ def train_system(cfg, progress: Progress | None = None, retrain: bool = False) -
     data, stats = train_data(cfg, progress)
     start = time.perf_counter()
     if not retrain and (folder / "projector.safetensors").is_file():
-        system = load_system(cfg, lambdas=[])
+        system = load_system(config, lambdas=[])
         system.stats = stats
     else:
-        edge = member_for(cfg)
-        system = TofcSystem(cfg, stats, edge, info={"recipe": recipe_key(cfg), "train_s": {}})
+        edge = member_for(config)
+        system = TofcSystem(cfg, stats, edge, info={"recipe": recipe_key(config), "member": edge.member.name, "train_s": {}})
         system.info["projector_ce"] = train_projector(edge, data, cfg, progress)[-50:]
         system.info.setdefault("train_s", {})["projector"] = round(time.perf_counter() - start, 1)
         for p in edge.projector.parameters():
             p.requires_grad_(False)
         _save(system, folder)
     system.info.setdefault("train_s", {})
-    previous = load_system(cfg).codecs if not retrain else {}
+    previous = load_system(config).codecs if not retrain else {}
     for lam in cfg.lambdas:
         lam = float(lam)
         if lam in previous:
@@ -298,3 +314,45 @@ def eval_questions(split, count: int, seed: int) -> torch.Tensor:
         (rest if img in seen else first).append(q)
         seen.add(img)
     return torch.tensor((first + rest)[:count])
+
+
+def test_set(system: TofcSystem, count: int, variant: str = "png", progress: Progress | None = None):
+    """The easy-VQA test questions scored (``count``, one per image first, seeded) and the standardized
+    tokens of every test image in ``variant`` (``png``, ``jpeg-Q``, ``webp-Q``; cached); also the
+    real bytes per image of that variant."""
+    from aiflow_fl.tofc.data import cached_tokens, load_split
+    from aiflow_fl.tofc.evaluate import TestSet
+
+    split = _test_split()
+    q = eval_questions(split, count, system.cfg.seed)
+    _say(progress, f"tokens: {len(split.images)} test images ({variant}) through EfficientNet-Lite0 (cached)")
+    raw, sizes = cached_tokens("test", variant, split.images)
+    tokens = system.stats.standardize(raw)
+    merged = merge_tokens(tokens, system.cfg.merged_tokens, system.cfg.knn)
+    test = TestSet(tokens, merged, [split.questions[i] for i in q.tolist()], split.answers[q], split.image_index[q])
+    return test, sizes
+
+
+_TEST_SPLIT = None
+
+
+def _test_split():
+    global _TEST_SPLIT
+    if _TEST_SPLIT is None:
+        from aiflow_fl.tofc.data import load_split
+
+        _TEST_SPLIT = load_split("test")
+    return _TEST_SPLIT
+
+
+def evaluate_system(system: TofcSystem, count: int, progress: Progress | None = None) -> list:
+    """Points (bytes/image, accuracy) of uncompressed float16 tokens, merge-only and every λ's codec."""
+    from aiflow_fl.tofc.evaluate import fp16_point, tofc_point
+
+    test, _ = test_set(system, count, progress=progress)
+    points = [fp16_point(system.edge, "uncompressed", test.tokens, test), fp16_point(system.edge, "merge-only", test.merged, test)]
+    for lam in sorted(system.codecs):
+        point, _ = tofc_point(system.edge, system.codecs[lam], lam, test)
+        points.append(point)
+        _say(progress, f"{point.method}: {point.bytes:.1f} bytes/image, accuracy {point.accuracy:.3f}")
+    return points
