@@ -86,8 +86,8 @@ def start(args: list[str], timeout_s: float = 300.0, env: dict[str, str] | None 
 
     # stderr to a file (a pipe nobody reads would fill up and stall the server); it explains a failed start
     stderr = open(log, "ab") if log else tempfile.TemporaryFile()  # noqa: SIM115  (the child keeps it)
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
-                            env={**os.environ, **(env or {})}, cwd=Path(__file__).resolve().parents[3])
+    # the caller's working directory: relative family folders and files in ARGS mean what they say there
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env={**os.environ, **(env or {})})
 
     def tail() -> str:
         stderr.flush()
