@@ -238,3 +238,42 @@ def test_ask_two_processes_on_loopback(system, tiny_overrides, image_path, tmp_p
     assert f"{local.num_bytes} bytes" in result.output
     with pytest.raises(AiflowError, match="Cannot reach"):
         ask_edge(edge.url, bitstream, QUESTION, timeout_s=5)
+
+
+# ---- scoring: equal-accuracy byte savings and the points every method gets -----------------------
+
+def test_bytes_at_equal_accuracy_interpolates_on_the_upper_envelope():
+    from aiflow_fl.tofc.evaluate import bytes_at_accuracy, bytes_saved
+
+    assert bytes_at_accuracy([[100, 0.5], [200, 0.7], [400, 0.9]], 0.8) == pytest.approx(300)
+    assert bytes_at_accuracy([[100, 0.5], [200, 0.7]], 0.4) == 100  # the cheapest point already reaches it
+    assert bytes_at_accuracy([[100, 0.5], [200, 0.7]], 0.75) is None  # never reached
+    # A dip (150 bytes at 0.5) does not count: the envelope keeps 0.6 from 100 bytes on.
+    assert bytes_at_accuracy([[100, 0.6], [150, 0.5], [300, 0.8]], 0.7) == pytest.approx(225)
+    saved = bytes_saved([[20, 0.6], [40, 0.8]], [[100, 0.6], [200, 0.8], [300, 0.9]])
+    assert [r["accuracy"] for r in saved["at"]] == [0.6, 0.8]  # 0.9: TOFC never gets there
+    assert saved["mean"] == pytest.approx(0.8)
+
+
+def test_points_count_real_bytes_and_score_what_the_edge_decodes(system):
+    from aiflow_fl.tofc.bitstream import decode_tokens, encode_tokens
+    from aiflow_fl.tofc.evaluate import TestSet, fp16_point, image_point, tofc_point
+
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randn(3, 64, 112, generator=gen)
+    merged = tokens[:, :8].contiguous()
+    questions = [QUESTION, "What color is the shape?", "Is there a circle?", QUESTION]
+    test = TestSet(tokens, merged, questions, torch.tensor([0, 3, 11, 1]), torch.tensor([0, 2, 2, 1]))
+    edge = system.edge
+    full = fp16_point(edge, "uncompressed", tokens, test)
+    assert full.bytes == 4 + 2 + 64 * 112 * 2 and full.n_tokens == 64  # header, 2-byte varint, float16 payload
+    expected = edge.predict(tokens[test.image_index].half().float(), questions)
+    assert full.accuracy == pytest.approx(float((expected == test.answers).float().mean()))
+    lam, codec = system.codec()
+    point, gap = tofc_point(edge, codec, lam, test)
+    streams = [encode_tokens(codec, merged[i]).data for i in range(3)]
+    assert point.bytes == pytest.approx(np.mean([len(d) for d in streams])) and gap >= 0
+    decoded = torch.stack([decode_tokens(codec, streams[i]) for i in test.image_index.tolist()])
+    assert point.accuracy == pytest.approx(float((edge.predict(decoded, questions) == test.answers).float().mean()))
+    sizes = torch.tensor([500, 900, 700])
+    assert image_point(edge, "webp-10", tokens, sizes, test).bytes == pytest.approx(700)
