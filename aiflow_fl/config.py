@@ -284,12 +284,12 @@ class TofcConfig:
     temperature: float = 1.0  # router softmax temperature in training
     balance_weight: float = 0.1  # α of the balance loss Σ(mean w_e − 1/E)²
     lambdas: list[float] = field(default_factory=lambda: [0.0005, 0.003, 0.02])  # rate weights (per bit), one codec each
-    projector_steps: int = 600
-    codec_warmup_steps: int = 400  # reconstruction (MSE) steps without the member before the task loss
-    codec_steps: int = 150
+    projector_steps: int = 300
+    codec_warmup_steps: int = 200  # reconstruction (MSE) steps without the member before the task loss
+    codec_steps: int = 80
     batch_size: int = 16
     lr: float = 3e-3
-    eval_questions: int = 300  # test questions scored per method (one per image, seeded)
+    eval_questions: int = 200  # test questions scored per method (one per image, seeded)
     seed: int = 0
 
 
