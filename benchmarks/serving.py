@@ -39,7 +39,7 @@ from aiflow_fl.bench import results_dir
 from aiflow_fl.config import load_config
 
 CLIENTS = (1, 4, 8)
-SETTINGS = {"quick": {"requests_per_client": 1, "max_tokens": 16, "overhead_requests": 3},
+SETTINGS = {"quick": {"requests_per_client": 1, "max_tokens": 8, "overhead_requests": 2},
             "full": {"requests_per_client": 3, "max_tokens": 32, "overhead_requests": 8}}
 PLAIN, CHAIN = "full", "eesb-0>full"
 THREADS = 1  # torch threads of the server and of the in-process baseline (2 shared cores; see bench specdec)

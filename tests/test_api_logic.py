@@ -80,6 +80,27 @@ def test_batched_decoding_equals_generate_for_every_row(arch):
     assert max(engine.steps) == 4 and min(engine.steps) >= 1  # decoded together, never above the batch
 
 
+def test_requests_arriving_together_are_prefilled_together_and_equal_generate():
+    """Prompts of different lengths admitted at one step: one left-padded prefill forward, then each
+    row's greedy answer is generate()'s of that prompt alone."""
+    model = scrambled("llama").eval()
+    engine = MemberEngine(model, max_batch=8)
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 500, (int(k),), generator=gen).tolist() for k in (11, 2, 6, 17, 1)]
+    runs = [collect(p, 8) for p in prompts]
+    try:
+        with engine.wake:  # the engine cannot admit until every request waits
+            for seq, _, _ in runs:
+                engine.submit(seq)
+        for _, done, _ in runs:
+            assert done.wait(30)
+    finally:
+        engine.close()
+    assert engine.prefills == [5]
+    for prompt, (_, _, out) in zip(prompts, runs):
+        assert out["ids"] == reference(model, torch.tensor([prompt]), 8)
+
+
 def test_cancelled_request_leaves_the_batch():
     model = scrambled("llama").eval()
     engine = MemberEngine(model, max_batch=4)

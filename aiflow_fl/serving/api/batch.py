@@ -2,11 +2,14 @@
 
 Every running sequence is one row of a single ``DynamicCache``. Rows are *left*-padded to the
 longest one; a 2-D attention mask marks the real positions and each row's position ids are its own
-true positions, so rotary embeddings and attention see exactly what a lone sequence would see. A new
-request is prefilled alone (as ``generate`` does) and spliced into the batch cache (the shorter side
-is padded); a row that ends is dropped at once and all-padding columns are trimmed. Each step is
-then ONE forward of all rows on their last token: decoding a small model is bound by reading its
-weights, so 8 rows cost little more than one.
+true positions, so rotary embeddings and attention see exactly what a lone sequence would see. The
+requests admitted at one step are prefilled together in one forward, left-padded the same way
+(``generate``'s batched prefill; measured on SmolLM2-135M, one thread: 7 prompts of 40 tokens in
+0.76 s together vs 1.16 s one by one, and requests that arrive together wait for each other's
+prefill), then spliced into the batch cache (the shorter side is padded); a row that ends is dropped
+at once and all-padding columns are trimmed. Each step is then ONE forward of all rows on their last
+token: decoding a small model is bound by reading its weights, so 8 rows cost little more than one
+(0.095 s vs 0.059 s per step there).
 """
 
 from __future__ import annotations
@@ -42,16 +45,17 @@ class BatchCache:
     def width(self) -> int:
         return self.cache.get_seq_length() if self.cache is not None and self.lengths else 0
 
-    def add(self, row: DynamicCache, length: int) -> None:
-        """Append one prefilled row (batch size 1, ``length`` positions)."""
+    def add(self, rows: DynamicCache, lengths: list[int]) -> None:
+        """Append prefilled rows: a cache of ``len(lengths)`` rows laid out as this one (row r's
+        ``lengths[r]`` real positions at the right end of the rows' common width)."""
         if self.cache is None or not self.lengths:
-            self.cache, self.lengths = row, [length]
+            self.cache, self.lengths = rows, list(lengths)
             return
-        width = max(self.width, length)
-        for mine, theirs in zip(self.cache.layers, row.layers):
+        width = max(self.width, rows.get_seq_length())
+        for mine, theirs in zip(self.cache.layers, rows.layers):
             mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)], dim=0)
             mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)], dim=0)
-        self.lengths.append(length)
+        self.lengths.extend(lengths)
 
     def select(self, keep: list[int]) -> None:
         """Keep only rows ``keep`` (in that order), then drop leading columns no row uses."""
@@ -87,6 +91,7 @@ class MemberEngine:
         self.wake = threading.Condition()
         self.on_step = on_step  # (batch size, seconds) per decode step, for metrics
         self.steps: list[int] = []  # batch size of every decode step (the test of "decoded together")
+        self.prefills: list[int] = []  # requests of every prefill forward (the test of "prefilled together")
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self._thread.start()
@@ -128,12 +133,22 @@ class MemberEngine:
                 self.scheduler.running, self.batch = [], BatchCache(self.model.config)
 
     def _step(self, new: list[Sequence]) -> None:
-        for seq in new:  # prefill alone, exactly as generate() does, then join the batch
+        if new:  # one left-padded prefill of every admitted request, then they join the batch
+            lengths = [len(seq.prompt) for seq in new]
+            width = max(lengths)
+            ids = torch.zeros(len(new), width, dtype=torch.long)
+            mask = torch.zeros(len(new), width, dtype=torch.long)
+            for r, seq in enumerate(new):
+                ids[r, width - lengths[r]:] = torch.tensor(seq.prompt)
+                mask[r, width - lengths[r]:] = 1
+            positions = (torch.cumsum(mask, dim=1) - 1).clamp(min=0)  # each row's own true positions
             cache = DynamicCache(config=self.model.config)
-            ids = torch.tensor([seq.prompt])
-            out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)  # extends cache in place
-            self.batch.add(cache, len(seq.prompt))
-            seq.record(seq.choose(out.logits[0, -1]))
+            out = self.model(input_ids=ids, attention_mask=mask if len(new) > 1 else None, position_ids=positions,
+                             cache=cache, use_cache=True, logits_to_keep=1)  # extends cache in place
+            self.batch.add(cache, lengths)
+            self.prefills.append(len(new))
+            for r, seq in enumerate(new):
+                seq.record(seq.choose(out.logits[r, -1]))
         self.batch.select(self.scheduler.retire())
         running = self.scheduler.running
         if not running:
