@@ -27,6 +27,9 @@ app.add_typer(model_app, name="model")
 from aiflow_fl.family.cli import family_app  # noqa: E402  (typer only; the family code loads lazily)
 
 app.add_typer(family_app, name="family")
+from aiflow_fl.tofc.cli import tofc_app  # noqa: E402  (typer only; torch loads inside the commands)
+
+app.add_typer(tofc_app, name="tofc")
 
 Overrides = Annotated[
     Optional[list[str]],
@@ -174,7 +177,8 @@ def serve(
     overrides: Overrides = None,
 ) -> None:
     """OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions, /health, /metrics) for a family's
-    members and chains, and the tier protocol its verifiers speak (`--tier edge|cloud`)."""
+    members and chains, the collaboration model `collab` of a run with specialists, and the tier protocol its
+    verifiers speak (`--tier edge|cloud`)."""
     from aiflow_fl.config import load_config
     from aiflow_fl.errors import AiflowError
     from aiflow_fl.serving.api.main import serve as run_server
@@ -188,9 +192,10 @@ def serve(
         raise AiflowError(f"--tier is '{tier}'; a verifier server is an 'edge' or a 'cloud' tier.")
     if tier is not None and folder and len(member or []) != 1:
         raise AiflowError("--tier with a family needs exactly one --member NAME (the member this tier verifies with).")
-    if not folder and not model and tier is None:
-        raise AiflowError("Give a family folder (or a run folder holding one), or --model for a single backbone.")
     cfg = load_config(extra + ([f"model.name={model}"] if model else []))
+    if not folder and not model and tier is None and not cfg.collab.run:
+        raise AiflowError("Give a family folder (or a run folder holding one or specialists/), --model for a single "
+                          "backbone, or collab.run=RUN_DIR for the collaboration model alone.")
     run_server(cfg, folder, list(member or []), parse_member_remote(remote or []), model, exit_layer, host, port, api_key,
                ssl_keyfile, ssl_certfile, remote_ca, tier, core, threads)
 

@@ -144,49 +144,6 @@ def serve_trained_family(cfg: AiflowConfig, run_dir: Path, console: Console) -> 
     return figures
 
 
-def serve_in_process(cfg: AiflowConfig, run_dir: Path, console: Console) -> dict[str, Any]:
-    """Step 3a without the HTTP server (a build without ``aiflow_fl.serving.api``): the same 3-tier chain
-    in this process on the trained members, checked against the cloud member's own ``generate()``."""
-    from aiflow_fl.generation import chat_input_ids
-    from aiflow_fl.serving.build import eos_ids, local_chain
-
-    names = _chain_names(cfg)
-    members, tokenizer = _trained_members(cfg, names, run_dir)
-    eos = eos_ids(members[-1].model, tokenizer)
-    chain = local_chain(members, reuse=True, eos_token_ids=eos, draft_len=cfg.serving.draft_len,
-                        adaptive=cfg.serving.adaptive, blocks=[1, cfg.serving.cloud_block],
-                        confidence=cfg.serving.draft_confidence, cost_aware=cfg.serving.cost_aware,
-                        probe_every=cfg.serving.probe_every)
-    rows, lossless, chain_tps, cloud_tps = [], True, [], []
-    for prompt in PROMPTS:
-        ids = chat_input_ids(tokenizer, prompt)
-        with torch.inference_mode():
-            start = time.perf_counter()
-            reference = members[-1].model.generate(ids, max_new_tokens=cfg.serving.max_new_tokens, do_sample=False,
-                                                   eos_token_id=eos, pad_token_id=eos[0])
-            cloud_s = time.perf_counter() - start
-            result = chain.generate(ids, cfg.serving.max_new_tokens)
-        expected = reference[0, ids.shape[1]:].tolist()
-        same = result.tokens == expected
-        lossless &= same
-        chain_tps.append(len(result.tokens) / result.seconds)
-        cloud_tps.append(len(expected) / cloud_s)
-        rate = result.stats["tiers"][1].get("acceptance_rate", 0.0)
-        rows.append((prompt, tokenizer.decode(result.tokens, skip_special_tokens=True).strip(), same,
-                     chain_tps[-1], cloud_tps[-1], rate))
-    _print_serving(console, rows, ">".join(names), "in-process chain (no HTTP server in this build)")
-    return {
-        "serving_via": "in-process chain (aiflow_fl.serving.api is not in this build)",
-        "serving_tiers": names,
-        "serving_lossless": lossless,
-        "serving_chain_tokens_per_s": round(sum(chain_tps) / len(chain_tps), 2),
-        "serving_cloud_only_tokens_per_s": round(sum(cloud_tps) / len(cloud_tps), 2),
-        "serving_device_acceptance": round(sum(r[5] for r in rows) / len(rows), 3),
-        "serving_plot": str(plot_serving(rows, ">".join(names), run_dir / "serving.png",
-                                         "in-process chain vs the cloud member's generate()")),
-    }
-
-
 def _print_serving(console: Console, rows: list[tuple], chain_name: str, how: str) -> None:
     table = Table(title=f"{how}: {chain_name} vs full", caption="tok/s: chain vs the cloud member alone")
     for column, width in (("prompt", 18), ("answer", 24), ("same", 4), ("chain", 6), ("cloud", 6), ("accept", 6)):
@@ -396,12 +353,7 @@ def serve_stage(run_dir: Path, console: Console) -> dict[str, Any]:
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     with stage("hierarchical speculative decoding on the trained family", console):
-        try:
-            import aiflow_fl.serving.api  # noqa: F401
-        except ImportError:
-            serving = serve_in_process(run_cfg, run_dir, console)
-        else:
-            serving = serve_trained_family(run_cfg, run_dir, console)
+        serving = serve_trained_family(run_cfg, run_dir, console)
     seconds["serving_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
     with stage("one collaboration round between the edges' specialists", console):

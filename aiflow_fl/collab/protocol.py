@@ -23,6 +23,7 @@ Every step records its wall time, every agent its own compute time and the bytes
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable
@@ -166,8 +167,10 @@ class Collaboration:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ the protocol
-    def run(self, query: str, top_k: int | None = None) -> CollabResult:
-        s = self.settings
+    def run(self, query: str, top_k: int | None = None, max_new_tokens: int | None = None) -> CollabResult:
+        """One collaboration; ``top_k`` and ``max_new_tokens`` override the settings for this query only."""
+        s = self.settings if max_new_tokens is None else dataclasses.replace(self.settings, max_new_tokens=max_new_tokens)
+        check_settings(s)
         query = check_query(query, s.max_query_chars)
         start = time.perf_counter()
         steps: list[Step] = []
@@ -177,7 +180,7 @@ class Collaboration:
         steps.append(Step("route", time.perf_counter() - t0))
         user = [{"role": "user", "content": query}]
         if not decision.matched:
-            return self._general_only(query, decision, steps, notes, start, decision.explain())
+            return self._general_only(query, decision, steps, notes, start, decision.explain(), s)
 
         t0 = time.perf_counter()
         calls = {name: (lambda a=self.specialists[name]: a.chat(user, s.max_new_tokens)) for name in decision.selected}
@@ -186,10 +189,10 @@ class Collaboration:
         notes += self._warn(dropped, "fan-out")
         if not replies:
             return self._general_only(query, decision, steps, notes, start,
-                                      "every selected specialist failed or timed out; answered by the general member")
+                                      "every selected specialist failed or timed out; answered by the general member", s)
 
         answers = dict((n, r.text) for n, r in replies.items())
-        synthesis = self._synthesize(query, answers, decision, steps, "synthesis")
+        synthesis = self._synthesize(query, answers, decision, steps, "synthesis", s)
         for r in range(1, s.rounds + 1):
             t0 = time.perf_counter()
             calls = {n: (lambda a=self.specialists[n], own=answers[n]: a.chat(revision_messages(query, own, synthesis), s.max_new_tokens))
@@ -199,23 +202,23 @@ class Collaboration:
             notes += self._warn(dropped, f"revision {r}")
             answers.update({n: rep.text for n, rep in revised.items()})
             if r < s.rounds and revised:
-                synthesis = self._synthesize(query, {n: answers[n] for n in revised}, decision, steps, f"synthesis-{r + 1}")
+                synthesis = self._synthesize(query, {n: answers[n] for n in revised}, decision, steps, f"synthesis-{r + 1}", s)
         gone = sorted({name for st in steps for name in st.dropped})
         note = decision.explain() + (f"; dropped: {', '.join(gone)}" if gone else "")
         return CollabResult(query, decision, synthesis, note, steps, notes, self._bytes(steps), time.perf_counter() - start)
 
     # ------------------------------------------------------------------ pieces
-    def _synthesize(self, query: str, answers: dict[str, str], decision: RoutingDecision, steps: list[Step], name: str) -> str:
-        s = self.settings
+    def _synthesize(self, query: str, answers: dict[str, str], decision: RoutingDecision, steps: list[Step], name: str,
+                    s: CollabSettings) -> str:
         t0 = time.perf_counter()
         if s.synthesis == "fusion":
-            reply = self._fuse(query, list(answers), decision)
+            reply = self._fuse(query, list(answers), decision, s.max_new_tokens)
         else:
             reply = self.general.chat(aggregator_messages(query, list(answers.items())), s.max_new_tokens)
         steps.append(Step(name, time.perf_counter() - t0, {reply.agent: reply}))
         return reply.text
 
-    def _fuse(self, query: str, names: list[str], decision: RoutingDecision) -> AgentReply:
+    def _fuse(self, query: str, names: list[str], decision: RoutingDecision, max_new_tokens: int) -> AgentReply:
         """Token-level fusion of the answering specialists, weighted by their router weights."""
         tok = self.tokenizer
         messages = [{"role": "user", "content": query}]
@@ -230,19 +233,20 @@ class Collaboration:
 
         t0 = time.perf_counter()
         eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-        ids = fused_greedy(agents, weights, prompt, self.settings.max_new_tokens, eos, parallel)
+        ids = fused_greedy(agents, weights, prompt, max_new_tokens, eos, parallel)
         text = tok.decode(ids, skip_special_tokens=True).strip()
         # On the wire: per step, each member's next-token distribution (top-20 log-probs, as the
         # OpenAI logprobs field carries them: ~20 × (id, value) ≈ 20 × 24 bytes of JSON).
         per_step = 20 * 24
         seconds = time.perf_counter() - t0
         return AgentReply("fusion(" + ",".join(names) + ")", text, seconds, len(ids),
-                          request_bytes("fusion", messages, self.settings.max_new_tokens) * len(agents),
+                          request_bytes("fusion", messages, max_new_tokens) * len(agents),
                           per_step * len(ids) * len(agents))
 
-    def _general_only(self, query: str, decision: RoutingDecision, steps: list[Step], notes: list[str], start: float, note: str) -> CollabResult:
+    def _general_only(self, query: str, decision: RoutingDecision, steps: list[Step], notes: list[str], start: float, note: str,
+                      s: CollabSettings) -> CollabResult:
         t0 = time.perf_counter()
-        reply = self.general.chat([{"role": "user", "content": query}], self.settings.max_new_tokens)
+        reply = self.general.chat([{"role": "user", "content": query}], s.max_new_tokens)
         steps.append(Step("general", time.perf_counter() - t0, {reply.agent: reply}))
         return CollabResult(query, decision, reply.text, note, steps, notes, self._bytes(steps), time.perf_counter() - start)
 

@@ -102,14 +102,19 @@ def collaboration_round(run_dir: str | Path, query: str, overrides: list[str] | 
 
         {"query", "answer" (the synthesis), "note" (who answered and why; drops),
          "routing": {"scores": {specialist: cosine}, "selected": [...], "weights": {...}, "threshold"},
-         "answers": {specialist: first answer}, "revisions": {specialist: last revised answer},
+         "answers": {specialist: first answer}, "agents": {specialist: {seconds, new_tokens, bytes_up, bytes_down}},
+         "revisions": {specialist: last revised answer},
          "dropped": {specialist: why}, "timings_s": {step: wall s, "fan-out sum of agents": s, "total": s},
          "bytes": {"server->device": n, "device->server": n}, "warnings": [...]}
 
     ``overrides`` are config overrides (``collab.top_k=3``, ``collab.rounds=0``, ``collab.synthesis=fusion``,
     ``collab.max_new_tokens=32``, ...).
     """
-    result = collaborate(run_dir, query, overrides)
+    return result_summary(collaborate(run_dir, query, overrides))
+
+
+def result_summary(result: CollabResult) -> dict:
+    """A :class:`CollabResult` as plain JSON-able data (the demo's round and the API's ``aiflow.collab`` field)."""
     fan = result.step("fan-out")
     revisions = [s for s in result.steps if s.name.startswith("revision")]
     timings = {s.name: round(s.wall_s, 3) for s in result.steps}
@@ -124,6 +129,8 @@ def collaboration_round(run_dir: str | Path, query: str, overrides: list[str] | 
         "routing": {"scores": result.routing.scores, "selected": result.routing.selected,
                     "weights": result.routing.weights, "threshold": result.routing.threshold},
         "answers": {n: r.text for n, r in fan.replies.items()} if fan else {},
+        "agents": {n: {"seconds": round(r.seconds, 3), "new_tokens": r.new_tokens, "bytes_up": r.bytes_up,
+                       "bytes_down": r.bytes_down} for n, r in fan.replies.items()} if fan else {},
         "revisions": last,
         "dropped": {n: why for s in result.steps for n, why in s.dropped.items()},
         "timings_s": timings, "bytes": dict(result.bytes), "warnings": list(result.warnings),

@@ -21,7 +21,6 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +64,6 @@ def teacher_features(backbone, sequences: list[torch.Tensor], prompt_lens: list[
         stored = torch.load(path)
         return TeacherData(stored["sequences"], stored["features"], stored["prompt_lens"])
     decoder = decoder_of(backbone)
-    feats: list[torch.Tensor] = []
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths together: less padding
     out: dict[int, torch.Tensor] = {}
     for i in range(0, len(order), batch_size):
@@ -186,7 +184,7 @@ def head_agreement(head, data: TeacherData, steps: int = 3) -> dict[str, float]:
             predicted, logits = head(tokens, previous, start=1)
             guess = head.vocab[logits[0, :-1].argmax(-1)]
             # step k uses features predicted k times: valid from position lo + k
-            hits[k] += int((guess[lo:] == target[lo:]).sum()) if k == 0 else int((guess[lo + k:] == target[lo + k:]).sum())
+            hits[k] += int((guess[lo + k:] == target[lo + k:]).sum())
             previous = torch.cat([feats[:, :1], predicted[:, :-1]], dim=1)
         count += len(target) - lo
     return {str(k + 1): round(hits[k] / max(1, count), 4) for k in range(steps)}
@@ -247,4 +245,4 @@ def check_recipe(recipe: DraftHeadRecipe) -> None:
 
 
 __all__ = ["DraftHeadRecipe", "TeacherData", "teacher_features", "frequent_vocab", "train_draft_head", "head_agreement",
-           "draft_head_for", "check_recipe", "Path"]
+           "draft_head_for", "check_recipe"]

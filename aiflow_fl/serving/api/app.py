@@ -2,6 +2,7 @@
 
 OpenAI-compatible ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions`` (SSE streaming with
 ``data:`` chunks and ``data: [DONE]``), ``/health`` (503 while loading), ``/metrics`` (Prometheus),
+the collaboration protocol as the chat model ``collab`` (:mod:`collab`),
 and the tier protocol (``/tier/*``, :mod:`aiflow_fl.serving.server`). ``/v1/*`` and ``/tier/*`` need
 ``Authorization: Bearer KEY`` when the server has a key; ``/health`` and ``/metrics`` stay open.
 """
@@ -21,6 +22,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from aiflow_fl.serving.api.collab import check_collab_request
 from aiflow_fl.serving.api.errors import APIError, error_body, error_response, validation_message
 from aiflow_fl.serving.api.limits import completion_budget
 from aiflow_fl.serving.api.scheduler import Event, Sequence
@@ -30,7 +32,11 @@ from aiflow_fl.serving.api.text import TextStream
 
 
 class BodyLimit:
-    """ASGI middleware: a request body above the limit (declared or streamed) gets a 413."""
+    """ASGI middleware: a request body above the limit (declared or streamed) gets a 413.
+
+    The body is read here, up to the limit, before the app sees it: an app that reads a streamed
+    (chunked) body itself would turn an exception raised mid-read into its own "cannot parse" 400.
+    """
 
     def __init__(self, app, limit: int, tier_limit: int) -> None:
         self.app, self.limit, self.tier_limit = app, limit, tier_limit
@@ -44,25 +50,27 @@ class BodyLimit:
                                                "(serving.api.max_body_bytes).", None, "body_too_large"), status_code=413)
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await too_big(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
+        chunks, seen = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise _TooBig()
-            return message
+            if message["type"] != "http.request":  # the client left before its body was complete
+                return
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > limit:
+                return await too_big(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooBig:
-            await too_big(scope, receive, send)
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # later reads: disconnect detection of a streamed answer
 
-
-class _TooBig(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -125,13 +133,59 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         served = state.model(body.model)
+        if served.kind == "collab":
+            return await _collaborate(served, body)
         ids = state.chat_ids([{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages])
         return await _generate(request, served, body, ids, "messages", chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         served = state.model(body.model)
+        if served.kind == "collab":
+            raise APIError(400, f"The model '{served.name}' answers chat messages; use /v1/chat/completions.", "model")
         return await _generate(request, served, body, state.prompt_ids(body.prompt), "prompt", chat=False)
+
+    async def _collaborate(served, body: ChatRequest):
+        """One run of the collaboration protocol (:mod:`aiflow_fl.serving.api.collab`): the synthesis as the
+        message, routing, agents, dropped ones and timings in ``aiflow.collab``."""
+        check_collab_request(body)
+        limit = body.limit()
+        if limit is not None and limit > state.api.max_tokens_cap:
+            raise APIError(400, f"max_tokens is {limit}, above this server's cap of {state.api.max_tokens_cap} "
+                                "(serving.api.max_tokens_cap).", "max_tokens")
+        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
+        rid, created, start = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), time.perf_counter()
+        metrics.running.labels(served.name).inc()
+        try:
+            text, prompt_tokens, completion_tokens, summary = await run_in_threadpool(served.engine.answer, messages, limit)
+        finally:
+            metrics.running.labels(served.name).dec()
+            metrics.latency.labels(served.name).observe(time.perf_counter() - start)
+        finish = "length" if limit is not None and completion_tokens >= limit else "stop"
+        metrics.requests.labels(served.name, finish).inc()
+        metrics.prompt_tokens.labels(served.name).inc(prompt_tokens)
+        metrics.generation_tokens.labels(served.name).inc(completion_tokens)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        extra = {"aiflow": {"collab": summary}}
+        if not body.stream:
+            return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": served.name,
+                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                              "logprobs": None, "finish_reason": finish}], "usage": usage, **extra})
+
+        def chunk(choices: list[dict], **more) -> dict:
+            return {"data": json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                        "model": served.name, "choices": choices, **more})}
+
+        async def sse():  # the protocol has finished: role, the whole synthesis, then the finish reason
+            yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+            yield chunk([{"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}])
+            yield chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}], **extra)
+            if body.stream_options and body.stream_options.include_usage:
+                yield chunk([], usage=usage)
+            yield {"data": "[DONE]"}
+
+        return EventSourceResponse(sse(), sep="\n", ping=600)
 
     async def _generate(request: Request, served, body, ids: list[int], prompt_field: str, chat: bool):
         if served.kind == "chain" and body.top_p < 1.0:

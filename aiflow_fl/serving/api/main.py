@@ -36,13 +36,21 @@ def serve(cfg: AiflowConfig, family: str | None = None, members: list[str] | Non
         os.sched_setaffinity(0, {core})
     if threads:
         torch.set_num_threads(threads)
-    state = ServerState(cfg, family, members, remote, model, exit_layer, api_key, remote_ca, tier)
+    from aiflow_fl.serving.api.collab import check_collab_run, collab_run_for
+
+    collab_run = collab_run_for(cfg, family) if tier is None else None
+    if collab_run is not None:
+        check_collab_run(cfg, collab_run)  # missing specialists, descriptions or embedding model: here, before the port opens
+        if family and not any((Path(family) / sub / "family.json").is_file() for sub in ("", "family")):
+            family = None  # a run with specialists and no family: serve `collab` alone
+    state = ServerState(cfg, family, members, remote, model, exit_layer, api_key, remote_ca, tier, collab_run)
     family_path = None
     if family:
         from aiflow_fl.serving.api.state import family_folder
 
         family_path = family_folder(family)  # a bad folder fails here, before the port opens
     family_note = f" family={family_path}" if family_path else ""
+    family_note += f" collab={collab_run}" if collab_run else ""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -86,8 +94,8 @@ def start(args: list[str], timeout_s: float = 300.0, env: dict[str, str] | None 
 
     # stderr to a file (a pipe nobody reads would fill up and stall the server); it explains a failed start
     stderr = open(log, "ab") if log else tempfile.TemporaryFile()  # noqa: SIM115  (the child keeps it)
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
-                            env={**os.environ, **(env or {})}, cwd=Path(__file__).resolve().parents[3])
+    # the caller's working directory: relative family folders and files in ARGS mean what they say there
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env={**os.environ, **(env or {})})
 
     def tail() -> str:
         stderr.flush()

@@ -16,6 +16,7 @@ from aiflow_fl.config import AiflowConfig
 from aiflow_fl.errors import AiflowError
 from aiflow_fl.serving.api.batch import MemberEngine
 from aiflow_fl.serving.api.chains import ChainRunner, RemoteMember
+from aiflow_fl.serving.api.collab import COLLAB_MODEL, CollabModel
 from aiflow_fl.serving.api.errors import APIError
 from aiflow_fl.serving.api.metrics import Metrics
 from aiflow_fl.family.member import Member
@@ -30,8 +31,8 @@ def family_folder(path: str | Path) -> Path:
 
             verify_folder(candidate)  # a damaged folder stops here, before the port opens and before any load
             return candidate
-    raise AiflowError(f"{path} is neither a family folder (family.json) nor a run folder with family/family.json; "
-                      "build one with `aiflow family build` or `aiflow demo`.")
+    raise AiflowError(f"{path} is neither a family folder (family.json) nor a run folder with family/family.json "
+                      "or specialists/; build one with `aiflow family build` or `aiflow demo`.")
 
 
 def default_chains(specs: list[dict], available: set[str]) -> list[str]:
@@ -49,17 +50,19 @@ def default_chains(specs: list[dict], available: set[str]) -> list[str]:
 @dataclass
 class Served:
     name: str
-    kind: str  # member | chain
+    kind: str  # member | chain | collab
     context: int
-    engine: MemberEngine | ChainRunner
+    engine: MemberEngine | ChainRunner | CollabModel
     created: int = field(default_factory=lambda: int(time.time()))
 
 
 class ServerState:
     def __init__(self, cfg: AiflowConfig, family: str | None = None, members: list[str] | None = None,
                  remote: dict[str, str] | None = None, model: str | None = None, exit_layer: int | None = None,
-                 api_key: str | None = None, remote_ca: str | None = None, tier: str | None = None) -> None:
+                 api_key: str | None = None, remote_ca: str | None = None, tier: str | None = None,
+                 collab_run: str | Path | None = None) -> None:
         self.cfg, self.api = cfg, cfg.serving.api
+        self.collab_run = collab_run  # a run with specialists/: the protocol is served as the model `collab`
         self.family, self.only, self.remote = family, list(members or []), dict(remote or {})
         self.model_name, self.exit_layer, self.api_key, self.remote_ca, self.tier = model, exit_layer, api_key, remote_ca, tier
         self.metrics = Metrics()
@@ -102,6 +105,8 @@ class ServerState:
 
                 fold_run_update(loaded, self.cfg.serving.adapter)
             self.tokenizer = loaded[0].tokenizer
+        elif self.collab_run and not self.model_name:
+            loaded = []  # a run with specialists and no family: only `collab` is served
         else:
             from aiflow_fl.models import load_backbone
             from aiflow_fl.family.member import early_exit_member
@@ -140,9 +145,21 @@ class ServerState:
             context = min([contexts[p] for p in parts if p in contexts] +
                           [int(remote_members[p].spec["max_len"]) for p in parts if p in remote_members])
             self.models[chain_name] = Served(chain_name, "chain", context, runner)
+        if self.collab_run:
+            self._load_collab()
         if self.tokenizer is not None and self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.ready = True
+
+    def _load_collab(self) -> None:
+        from aiflow_fl.serving.api.collab import open_collab
+
+        if COLLAB_MODEL in self.models:
+            raise AiflowError(f"A member or chain is named '{COLLAB_MODEL}', the name of the collaboration model; rename it.")
+        served = open_collab(self.cfg, Path(self.collab_run))
+        self.models[COLLAB_MODEL] = Served(COLLAB_MODEL, "collab", served.context, served)
+        if self.tokenizer is None:
+            self.tokenizer = served.tokenizer
 
     def _remote(self, name: str, url: str) -> RemoteMember:
         from aiflow_fl.serving.server import RemoteTier
@@ -184,6 +201,6 @@ class ServerState:
 
     def close(self) -> None:
         for served in self.models.values():
-            if isinstance(served.engine, MemberEngine):
+            if isinstance(served.engine, (MemberEngine, CollabModel)):
                 served.engine.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
