@@ -15,7 +15,8 @@ via the family cache) + a LoRA fine-tuned briefly on that domain's training text
 as ``specialist_train_s``). They are saved as a run folder (``specialists/<domain>/specialist.json``
 + ``adapter.safetensors``, ``general/`` = the untouched base), so ``aiflow collaborate ...
 collab.run=<that folder>`` works on them; descriptions are **derived from each specialist's training
-text** (:func:`aiflow_fl.collab.specialists.derive_description`), none written by hand.
+text** (:func:`aiflow_fl.collab.specialists.derive_description`, with ``ROUTER_SNIPPETS`` snippets of it as
+router utterances), none written by hand.
 
 **Items** (held-out documents only; 6 per domain with ``--quick``, 30 without): a 32-token passage
 prefix, its true 12-token continuation and 3 locally coherent distractors — the 12 tokens that follow
@@ -63,6 +64,11 @@ PREFIX_TOKENS, CONT_TOKENS, OPTIONS = 32, 12, 4
 RECIPE = {"rank": 8, "alpha": 16, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
           "top_layers": 6, "steps": 24, "batch": 4, "seq_len": 48, "lr": 2e-3, "train_tokens_per_domain": 60000, "seed": 0}
 HELDOUT_MOD = 4
+# Router utterances per specialist: 256 snippets of 120 characters of its training text (queries are
+# 32-token passages). Chosen on a dev set of the *training* split only (every 5th training window's
+# prefix as a query, snippets from the other windows): top-1 routing 0.71 with the library default
+# (4 snippets of 240 characters), 0.87 with 64 x 120, 0.91 with 256 x 120; the held-out items played no part.
+ROUTER_SNIPPETS, ROUTER_SNIPPET_CHARS = 256, 120
 TIMING_LOCK = "/tmp/aiflow-timing.lock"
 
 
@@ -263,7 +269,8 @@ def build_specialists(cfg, tokenizer, console) -> tuple[Path, dict[str, Any], di
             save_adapter(folder / ADAPTER_FILE, layers)
             atomic_write_bytes(done, json.dumps({"train_s": train_s[domain]}).encode())
         # The description is derived from the specialist's training text on every run (cheap), never written by hand.
-        description, utterances = derive_description(texts[domain], {domain: len(texts[domain])}, every)
+        description, utterances = derive_description(texts[domain], {domain: len(texts[domain])}, every,
+                                                     snippets=ROUTER_SNIPPETS, snippet_chars=ROUTER_SNIPPET_CHARS)
         info = SpecialistInfo(domain, "specialist", "full", description, "derived", utterances, {domain: len(texts[domain])}, len(texts[domain]))
         atomic_write_bytes(folder / INFO_FILE, json.dumps(info.to_json(), indent=1).encode())
     return run_dir, {"train_s": train_s, "recipe": RECIPE}, data
