@@ -27,6 +27,9 @@ app.add_typer(model_app, name="model")
 from aiflow_fl.family.cli import family_app  # noqa: E402  (typer only; the family code loads lazily)
 
 app.add_typer(family_app, name="family")
+from aiflow_fl.tofc.cli import tofc_app  # noqa: E402  (typer only; torch loads inside the commands)
+
+app.add_typer(tofc_app, name="tofc")
 
 Overrides = Annotated[
     Optional[list[str]],

@@ -272,6 +272,28 @@ class CollabConfig:
 
 
 @dataclass
+class TofcConfig:
+    """Task-oriented feature compression (paper §II-B1): see aiflow_fl/tofc."""
+
+    member: str = "exit-4"  # the family's language member on the edge (member_from_config: exit-k, eesb-i, full, or a built family's member)
+    merged_tokens: int = 8  # n_c, DPC-KNN clusters of the 64 encoder tokens
+    knn: int = 5  # k of DPC-KNN's densities
+    latent: int = 32  # D, the codec's latent per merged token
+    hyper: int = 4  # Dz, the hyperlatent per merged token
+    experts: int = 4  # entropy models behind the router
+    temperature: float = 1.0  # router softmax temperature in training
+    balance_weight: float = 0.1  # α of the balance loss Σ(mean w_e − 1/E)²
+    lambdas: list[float] = field(default_factory=lambda: [0.002, 0.008, 0.03])  # rate weights (per bit), one codec each
+    projector_steps: int = 500
+    codec_warmup_steps: int = 400  # reconstruction (MSE) steps without the member before the task loss
+    codec_steps: int = 150
+    batch_size: int = 16
+    lr: float = 1e-3
+    eval_questions: int = 600  # test questions scored per method (one per image, seeded)
+    seed: int = 0
+
+
+@dataclass
 class RunConfig:
     dir: str = ""  # empty: runs/<timestamp>
     seed: int = 0
@@ -292,6 +314,7 @@ class AiflowConfig:
     continual: ContinualConfig = field(default_factory=ContinualConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
     collab: CollabConfig = field(default_factory=CollabConfig)
+    tofc: TofcConfig = field(default_factory=TofcConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 

@@ -1,0 +1,130 @@
+"""The edge side: a projector into a language member's embedding space and the answer (LLaVA-style).
+
+The decoded visual tokens (n × 112, standardized) go through a two-layer MLP projector (LLaVA-1.5's
+``mlp2x_gelu``) into the member's embedding space and are placed *before* the question's token
+embeddings; the frozen member reads ``inputs_embeds`` = [visual; "\\nQuestion: {q}\\nAnswer:"]. Its
+answer is scored from the next-token distribution at the last position: the candidate answer
+whose first token (with a leading space: " blue", " yes", …; the 13 first tokens are distinct) the
+member gives the highest log-probability. Training loss: the member's cross-entropy of that token
+over its whole vocabulary. :meth:`EdgeModel.generate` lets the member write the answer as text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from aiflow_fl.errors import AiflowError
+from aiflow_fl.layers import decoder_of
+
+PROMPT = "\nQuestion: {question}\nAnswer:"
+
+
+class Projector(nn.Module):
+    """Visual tokens (B, n, C) → member embeddings (B, n, H): Linear, GELU, Linear."""
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.net(tokens)
+
+
+def language_member(cfg, name: str | None = None):
+    """The family's language member ``name`` (default ``cfg.tofc.member``) as THE family
+    :class:`~aiflow_fl.family.member.Member` (:func:`~aiflow_fl.family.member.member_from_config`:
+    a member of the family built in ``family.dir``, else the early exit ``name`` of ``model.name``),
+    frozen and in eval mode."""
+    from aiflow_fl.family.member import member_from_config
+
+    member = member_from_config(cfg, name or cfg.tofc.member)
+    member.model.eval().requires_grad_(False)
+    if member.tokenizer is None:
+        raise AiflowError(f"Member '{member.name}' has no tokenizer; TOFC's edge needs one for the question.")
+    return member
+
+
+@dataclass
+class Batch:
+    """Question token ids right-padded (B, L) and each row's last real position."""
+
+    ids: torch.Tensor
+    last: torch.Tensor
+
+
+class EdgeModel(nn.Module):
+    """Projector + frozen language member + the answers' first tokens."""
+
+    def __init__(self, member, answers: list[str], channels: int) -> None:
+        """``member``: the family's :class:`~aiflow_fl.family.member.Member` (frozen; its causal LM is
+        deliberately not a submodule, so ``state_dict`` holds the projector only)."""
+        super().__init__()
+        self.member = member
+        self.tokenizer = member.tokenizer
+        tokenizer = self.tokenizer
+        self.answers = list(answers)
+        first = [tokenizer(" " + a, add_special_tokens=False)["input_ids"][0] for a in self.answers]
+        if len(set(first)) != len(first):
+            raise AiflowError("The answers' first tokens are not distinct under this tokenizer; scoring would be ambiguous.")
+        self.register_buffer("answer_ids", torch.tensor(first), persistent=False)
+        self.projector = Projector(channels, member.hidden_size)
+        self._question_cache: dict[str, list[int]] = {}
+
+    def question_ids(self, question: str) -> list[int]:
+        ids = self._question_cache.get(question)
+        if ids is None:
+            ids = self.tokenizer(PROMPT.format(question=question), add_special_tokens=False)["input_ids"]
+            self._question_cache[question] = ids
+        return ids
+
+    def batch(self, questions: list[str]) -> Batch:
+        rows = [self.question_ids(q) for q in questions]
+        length = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((len(rows), length), pad, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+        return Batch(ids, torch.tensor([len(r) - 1 for r in rows]))
+
+    def embeds(self, visual: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """[projected visual; question embeddings] and the answer position of each row."""
+        text = self.member.model.get_input_embeddings()(batch.ids)
+        projected = self.projector(visual.to(text.dtype))
+        return torch.cat([projected, text], dim=1), batch.last + visual.shape[1]
+
+    def next_token_logits(self, visual: torch.Tensor, questions: list[str]) -> torch.Tensor:
+        """The member's next-token logits (B, V) after [visual; question]. Right padding is safe: the
+        attention is causal, so padded positions after a row's last token never affect it."""
+        batch = self.batch(questions)
+        embeds, last = self.embeds(visual, batch)
+        hidden = decoder_of(self.member.model)(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        h = hidden[torch.arange(len(questions)), last]
+        return self.member.model.get_output_embeddings()(h)
+
+    def loss(self, visual: torch.Tensor, questions: list[str], answers: torch.Tensor) -> torch.Tensor:
+        """Answer cross-entropy (nats) among the candidate answers' first tokens: the member's logits of
+        those tokens, softmaxed over the candidates (the scoring :meth:`predict` uses)."""
+        logits = self.next_token_logits(visual, questions)[:, self.answer_ids]
+        return nn.functional.cross_entropy(logits.float(), answers)
+
+    @torch.no_grad()
+    def predict(self, visual: torch.Tensor, questions: list[str]) -> torch.Tensor:
+        """Index of the answer whose first token the member scores highest, (B,)."""
+        return self.next_token_logits(visual, questions)[:, self.answer_ids].argmax(dim=-1)
+
+    @torch.no_grad()
+    def generate(self, visual: torch.Tensor, question: str, max_new_tokens: int = 4) -> str:
+        """The member's greedy answer text for one image (visual (1, n, C)), via inputs_embeds."""
+        embeds, _ = self.embeds(visual, self.batch([question]))
+        out = self.member.model.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        text = self.tokenizer.decode(out[0], skip_special_tokens=True)
+        return text.strip().split("\n")[0].strip()

