@@ -119,40 +119,62 @@ def _threads(n: int) -> int:
     return before
 
 
-def build_members(backbone, tokenizer, exits: list[int], quick: bool) -> tuple[list[Member], str, dict[str, Any]]:
-    """device and edge EESB members of an in-memory family, self-distilled (or loaded from the cache
-    of an earlier run with the same recipe), and the full backbone; plus the drafts' greedy agreement
-    with the backbone on its own answers to the held-out benchmark prompts, before and after."""
+def distill_key(backbone, exits: list[int], quick: bool) -> str:
+    """The cache key of a self-distilled family: backbone weights, exits, branch ratio and recipe."""
+    from aiflow_fl.family.instructions import model_fingerprint
+
+    recipe = DISTILL["quick" if quick else "full"]
+    return hashlib.sha256(json.dumps([model_fingerprint(backbone), exits, BRANCH_RATIO, recipe]).encode()).hexdigest()[:16]
+
+
+def distilled_family(backbone, tokenizer, exits: list[int], quick: bool):
+    """An in-memory family of ``backbone`` with EESB members at ``exits`` (one full-rank branch layer each,
+    ratio BRANCH_RATIO) whose branches are self-distilled with the --quick or full DISTILL recipe, or
+    loaded from the cache of an earlier run with the same recipe ($AIFLOW_CACHE/specdec/family-KEY.pt).
+    Returns (family, cache entry: branches, agreement before distillation, train_s, key)."""
     from aiflow_fl.family.batches import calibration_batches
     from aiflow_fl.family.family import family_from_backbone
-    from aiflow_fl.family.instructions import instructions, model_fingerprint, self_answers, self_batches
+    from aiflow_fl.family.instructions import instructions, self_answers, self_batches
     from aiflow_fl.family.train import family_drafts, greedy_agreement, train_branches
     from aiflow_fl.files import atomic_torch_save
     from aiflow_fl.models import cache_dir
 
     recipe = DISTILL["quick" if quick else "full"]
+    cfg = load_config()
+    key = distill_key(backbone, exits, quick)
+    path = cache_dir() / "specdec" / f"family-{key}.pt"
+    cached = torch.load(path) if path.is_file() else None
+    cfg.family.whitening = cached is None  # cached branches replace the initialisation anyway
+    batches = calibration_batches(tokenizer, 4 if quick else 16, 128)
+    family = family_from_backbone(backbone, tokenizer, cfg.family, batches=batches, eesb=[(e, BRANCH_RATIO) for e in exits])
+    if cached is None:
+        held_out = self_answers(backbone, tokenizer, PROMPTS, 64, batch_size=len(PROMPTS), show_progress=False)
+        before = greedy_agreement(backbone, family_drafts(family, exits), held_out)
+        started = time.perf_counter()
+        answers = self_answers(backbone, tokenizer, instructions(recipe["prompts"]), recipe["max_new_tokens"], batch_size=16)
+        from aiflow_fl.config import BranchTrainingConfig
+
+        tcfg = BranchTrainingConfig(steps=recipe["steps"], lr=recipe["lr"], batch_size=4, kl_weight=1.0, data="self")
+        train_branches(family, self_batches(answers, tcfg.batch_size), tcfg)
+        cached = {"branches": {k: v for k, v in family.tensors.items() if k.startswith("branch.")},
+                  "before": before, "train_s": round(time.perf_counter() - started, 1)}
+        atomic_torch_save(cached, path)
+    family.tensors.update(cached["branches"])
+    return family, {**cached, "key": key}
+
+
+def build_members(backbone, tokenizer, exits: list[int], quick: bool) -> tuple[list[Member], str, dict[str, Any]]:
+    """device and edge EESB members of an in-memory family (:func:`distilled_family`), and the full
+    backbone; plus the drafts' greedy agreement with the backbone on its own answers to the held-out
+    benchmark prompts, before and after distillation."""
+    from aiflow_fl.family.instructions import self_answers
+    from aiflow_fl.family.train import family_drafts, greedy_agreement
+
+    recipe = DISTILL["quick" if quick else "full"]
     threads = _threads(1)  # batched GEMMs stall with 2 threads on this shared machine (see README)
     try:
-        cfg = load_config()
-        key = hashlib.sha256(json.dumps([model_fingerprint(backbone), exits, BRANCH_RATIO, recipe]).encode()).hexdigest()[:16]
-        path = cache_dir() / "specdec" / f"family-{key}.pt"
-        cached = torch.load(path) if path.is_file() else None
-        cfg.family.whitening = cached is None  # cached branches replace the initialisation anyway
-        batches = calibration_batches(tokenizer, 4 if quick else 16, 128)
-        family = family_from_backbone(backbone, tokenizer, cfg.family, batches=batches, eesb=[(e, BRANCH_RATIO) for e in exits])
+        family, cached = distilled_family(backbone, tokenizer, exits, quick)
         held_out = self_answers(backbone, tokenizer, PROMPTS, 64, batch_size=len(PROMPTS), show_progress=False)
-        if cached is None:
-            before = greedy_agreement(backbone, family_drafts(family, exits), held_out)
-            started = time.perf_counter()
-            answers = self_answers(backbone, tokenizer, instructions(recipe["prompts"]), recipe["max_new_tokens"], batch_size=16)
-            from aiflow_fl.config import BranchTrainingConfig
-
-            tcfg = BranchTrainingConfig(steps=recipe["steps"], lr=recipe["lr"], batch_size=4, kl_weight=1.0, data="self")
-            train_branches(family, self_batches(answers, tcfg.batch_size), tcfg)
-            cached = {"branches": {k: v for k, v in family.tensors.items() if k.startswith("branch.")},
-                      "before": before, "train_s": round(time.perf_counter() - started, 1)}
-            atomic_torch_save(cached, path)
-        family.tensors.update(cached["branches"])
         after = greedy_agreement(backbone, family_drafts(family), held_out)
     finally:
         torch.set_num_threads(threads)

@@ -225,7 +225,7 @@ def build_client_app(cfg: AiflowConfig | None = None, node_overrides: dict[int, 
             write_state_file(folder, server_round, state)
         fed = run_cfg.federation
         if is_attacker(run_cfg.run.seed, profile.partition_id, fed.attack_fraction):  # robustness studies only
-            update = poison(update, fed.attack, fed.attack_scale)
+            update = poison(update, fed.attack, fed.attack_scale, start=lora.layers)  # its change, not the server's adapter
             metrics["attacker"] = 1.0
         arrays = _inject_fault(profile, server_round, update_to_arrays(update))
         metric_record = MetricRecord({NUM_EXAMPLES: update.num_examples, **{k: float(v) for k, v in metrics.items()}})

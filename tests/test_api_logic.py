@@ -80,6 +80,53 @@ def test_batched_decoding_equals_generate_for_every_row(arch):
     assert max(engine.steps) == 4 and min(engine.steps) >= 1  # decoded together, never above the batch
 
 
+def test_requests_arriving_together_are_prefilled_together_and_equal_generate():
+    """Prompts of different lengths admitted at one step: one left-padded prefill forward, then each
+    row's greedy answer is generate()'s of that prompt alone."""
+    model = scrambled("llama").eval()
+    engine = MemberEngine(model, max_batch=8)
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 500, (int(k),), generator=gen).tolist() for k in (11, 2, 6, 17, 1)]
+    runs = [collect(p, 8) for p in prompts]
+    try:
+        with engine.wake:  # the engine cannot admit until every request waits
+            for seq, _, _ in runs:
+                engine.submit(seq)
+        for _, done, _ in runs:
+            assert done.wait(30)
+    finally:
+        engine.close()
+    assert engine.prefills == [5]
+    for prompt, (_, _, out) in zip(prompts, runs):
+        assert out["ids"] == reference(model, torch.tensor([prompt]), 8)
+
+
+def test_a_shared_prompt_prefix_is_computed_once_and_answers_equal_generate():
+    """Prompts sharing a 20-id prefix (a system prompt): after the first, the prefix's KV is reused, alone
+    and for rows prefilled together (padding between prefix and rest); every answer equals generate()."""
+    model = scrambled("llama").eval()
+    engine = MemberEngine(model, max_batch=8, prefix_min=8)
+    gen = torch.Generator().manual_seed(11)
+    system = torch.randint(3, 500, (20,), generator=gen).tolist()
+    prompts = [system + torch.randint(3, 500, (int(k),), generator=gen).tolist() for k in (3, 9, 1, 6, 12)]
+    runs = [collect(p, 8) for p in prompts]
+    try:
+        for seq, done, _ in runs[:2]:  # the first alone: nothing known to be shared; the second reuses
+            engine.submit(seq)
+            assert done.wait(30)
+        assert engine.prefix_hits == 1 and engine.prefix_ids == system
+        with engine.wake:
+            for seq, _, _ in runs[2:]:
+                engine.submit(seq)
+        for _, done, _ in runs:
+            assert done.wait(30)
+    finally:
+        engine.close()
+    assert engine.prefix_hits == 4 and engine.prefills == [1, 1, 3]
+    for prompt, (_, _, out) in zip(prompts, runs):
+        assert out["ids"] == reference(model, torch.tensor([prompt]), 8)
+
+
 def test_cancelled_request_leaves_the_batch():
     model = scrambled("llama").eval()
     engine = MemberEngine(model, max_batch=4)

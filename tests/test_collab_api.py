@@ -104,6 +104,8 @@ def test_collab_model_answers_with_the_synthesis_and_reports_routing(served, col
             client.chat.completions.create(model="collab", messages=user, **bad)
     with pytest.raises(BadRequestError, match="empty"):
         client.chat.completions.create(model="collab", messages=[{"role": "user", "content": "  "}])
+    with pytest.raises(BadRequestError, match="max_query_chars"):
+        client.chat.completions.create(model="collab", messages=[{"role": "user", "content": "why? " * 900}])
     with pytest.raises(BadRequestError, match="last user message"):
         client.chat.completions.create(model="collab", messages=[{"role": "system", "content": "hi"}])
     wrong = httpx.post(url + "/v1/completions", json={"model": "collab", "prompt": "x"})

@@ -109,3 +109,19 @@ def test_superlink_and_two_supernodes_run_two_rounds(tiny_llama_dir, tmp_path):
     # Each SuperNode ran its own member: the profile came from --node-config.
     logs = "".join((tmp_path / "work" / "logs" / f"supernode-{i}.log").read_text() for i in range(2))
     assert "Start `flwr-clientapp` process" in logs
+
+
+def test_every_key_the_apps_read_is_declared_in_the_flower_run_config():
+    """Flower drops run-config overrides whose key the app's pyproject does not declare (and
+    ``aiflow deploy`` sends only declared keys), so an undeclared key silently keeps its default in
+    deployment: e.g. the attack settings, trimmed_mean's trim_fraction, the DP budget."""
+    declared = tomllib.loads((deploy.APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    read_by_apps = ("federation.", "hierarchy.", "privacy.", "continual.", "lora.", "train.", "data.")
+    flat = flatten(load_config())
+    missing = sorted(k for k in flat if k.startswith(read_by_apps) and k not in declared)
+    assert not missing, missing
+    assert {"federation.attack_fraction", "federation.attack", "federation.attack_scale", "hierarchy.trim_fraction",
+            "privacy.target_epsilon", "collab.save_specialists"} <= set(declared)
+    overrides = deploy.run_config_overrides(load_config(["federation.attack_fraction=0.2", "strategy=trimmed_mean",
+                                                         "hierarchy.trim_fraction=0.3"]))
+    assert overrides["federation.attack_fraction"] == 0.2 and overrides["hierarchy.trim_fraction"] == 0.3

@@ -65,10 +65,19 @@ def test_attackers_are_drawn_per_partition_and_poison_the_update_exactly():
     assert not any(is_attacker(2, i, 0.0) for i in range(100))
     gen = torch.Generator().manual_seed(0)
     honest = AdapterUpdate({"m": LoraFactors(torch.randn(2, 5, generator=gen), torch.randn(6, 2, generator=gen), 2.0)}, 7)
+    # the adapter the device was sent (P0) and the one it trained from it (P)
+    sent = {"m": LoraFactors(torch.randn(2, 5, generator=gen), torch.randn(6, 2, generator=gen), 0.5)}
     for attack, factor in (("scale", 10.0), ("signflip", -10.0)):
-        bad = poison(honest, attack, 10.0)
+        bad = poison(honest, attack, 10.0)  # round 1: a fresh LoRA (P0 = 0), the change is P itself
         torch.testing.assert_close(bad.layers["m"].delta(), factor * honest.layers["m"].delta())
         assert bad.num_examples == 7 and bad.layers["m"].A.shape == (2, 5)
+        # later rounds: the change P - P0 is what is scaled, not the server's adapter P0 (dense reference)
+        p0, p = sent["m"].delta().double(), honest.layers["m"].delta().double()
+        moved = poison(honest, attack, 10.0, start=sent).layers["m"]
+        torch.testing.assert_close(moved.delta().double(), p0 + factor * (p - p0), rtol=1e-5, atol=1e-5)
+        assert moved.rank <= 2 * honest.layers["m"].rank
+        zero_start = {"m": LoraFactors(sent["m"].A, torch.zeros(6, 2), 0.5)}  # peft's fresh pair: B = 0
+        assert poison(honest, attack, 10.0, start=zero_start).layers["m"].rank == 2
     with pytest.raises(AiflowError, match="not one of"):
         poison(honest, "gaussian", 1.0)
 

@@ -32,7 +32,11 @@ from aiflow_fl.serving.api.text import TextStream
 
 
 class BodyLimit:
-    """ASGI middleware: a request body above the limit (declared or streamed) gets a 413."""
+    """ASGI middleware: a request body above the limit (declared or streamed) gets a 413.
+
+    The body is read here, up to the limit, before the app sees it: an app that reads a streamed
+    (chunked) body itself would turn an exception raised mid-read into its own "cannot parse" 400.
+    """
 
     def __init__(self, app, limit: int, tier_limit: int) -> None:
         self.app, self.limit, self.tier_limit = app, limit, tier_limit
@@ -46,25 +50,27 @@ class BodyLimit:
                                                "(serving.api.max_body_bytes).", None, "body_too_large"), status_code=413)
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await too_big(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
+        chunks, seen = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise _TooBig()
-            return message
+            if message["type"] != "http.request":  # the client left before its body was complete
+                return
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > limit:
+                return await too_big(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooBig:
-            await too_big(scope, receive, send)
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # later reads: disconnect detection of a streamed answer
 
-
-class _TooBig(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 def create_app(state: ServerState) -> FastAPI:
