@@ -184,7 +184,8 @@ def test_device_bitstream_edge_round_trip(system, image_path):
     assert device.n_tokens == system.cfg.merged_tokens and len(device.bitstream) > 5
     lam, codec = system.codec()
     with torch.no_grad():  # the device side again, by hand
-        merged = dpc_knn_merge(system.stats.standardize(encode_images(system.token_encoder(), pixels[None])), 8, system.cfg.knn)[0]
+        merged = dpc_knn_merge(system.stats.standardize(encode_images(system.token_encoder(), pixels[None])),
+                               system.cfg.merged_tokens, system.cfg.knn)[0]
         expected = codec.from_symbols(*codec.to_symbols(merged))
     received = []
     hook = system.edge.projector.register_forward_pre_hook(lambda mod, args: received.append(args[0].clone()))
