@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from scipy.stats import chisquare
@@ -353,6 +355,33 @@ def test_cost_aware_chains_are_lossless_and_decode_alone_when_drafts_do_not_pay(
             assert 2 in other.policy_log and other.preferred_mode == 0  # and it does: these drafts do not pay
     with pytest.raises(AiflowError, match="cost_aware"):
         local_chain(members[:2], cost_aware=True, pipelined=True)
+
+
+def test_a_losing_probe_is_cut_short_and_later_probes_fit_the_probe_budget():
+    """The cost-aware policy's two bounds on probing, from the chain's own measured state: a drafting
+    probe that has run as long as the verifier alone needs for the whole probe, with fewer tokens
+    finalised, is behind (ended at the next step, not when the cloud next finalises a block); and after
+    a lost probe the gap is at least twice the last one and long enough that the time lost is at most
+    PROBE_BUDGET of the decoding time (window time = probe_every / the preferred mode's speed)."""
+    from aiflow_fl.serving.chain import MAX_PROBE_GAP, PROBE_BUDGET
+
+    model = scrambled("llama")
+    members = early_exit_members(model, [3, 4])
+    chain = local_chain(members, reuse=False, draft_len=2, eos_token_ids=[], cost_aware=True, probe_every=16, blocks=[1, 4])
+    chain.mode_rates = [[100.0, 1.0], [0.0, 0.0]]  # alone: 100 tokens/s
+    chain.mode, chain.preferred_mode, chain.window_mode = 1, 0, 0  # a drafting probe that has finalised nothing yet
+    assert chain._probe_len() == 8  # 3 tiers: half a window
+    assert not chain._probe_behind(0.05)  # alone would have made 5 < 8 tokens: too early to judge
+    assert chain._probe_behind(0.09)  # 9 tokens' time and none finalised: behind
+    chain.window_mode, chain.window_tokens, chain.window_s = 1, 12, 0.08
+    assert not chain._probe_behind(0.02)  # 12 finalised in 0.10 s: as fast as alone (10), not behind
+    chain.probe_gap = 1
+    # a probe that made 2 tokens in 0.5 s lost 0.48 s; a window alone takes 0.16 s
+    gap = chain._gap_after_loss(2, 0.5, 100.0)
+    assert gap == math.ceil(0.48 / (PROBE_BUDGET * 0.16)) and gap * PROBE_BUDGET * 0.16 >= 0.48 - 1e-9
+    chain.probe_gap = 8
+    assert chain._gap_after_loss(15, 0.16, 100.0) == 16  # barely lost: the gap doubles
+    assert chain._gap_after_loss(0, 100.0, 100.0) == MAX_PROBE_GAP
 
 
 def test_cost_aware_chains_switch_to_drafting_when_it_pays():

@@ -21,6 +21,7 @@ the device back. Sequential mode runs the very same loop with the forward inline
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import warnings
@@ -34,6 +35,11 @@ from aiflow_fl.errors import AiflowError
 from aiflow_fl.serving.acceptance import best_draft_len, greedy_accept, next_draft_len, speculative_accept, verify_costs
 from aiflow_fl.serving.link import Link, tensor_bytes
 from aiflow_fl.serving.tiers import TierOutput
+
+# Cost-aware chains (Chain._mode_policy): after a probe of the other mode loses, the next one waits until
+# the time probes lose is at most this share of the time decoding, and at most this many windows.
+PROBE_BUDGET = 0.02
+MAX_PROBE_GAP = 256
 
 
 class TierUnavailable(RuntimeError):
@@ -218,11 +224,14 @@ class Chain:
                 else:
                     raise AssertionError("speculative chain made no progress")  # a bug, never a user error
                 final = self.slots[-1].approved
-                if self._measured_modes() and final != last_final:
+                if self._measured_modes():
                     now = time.perf_counter()
-                    if last_final > prompt_len:  # the first token carries the prompt's forward: no mode's speed
-                        self._mode_policy(max(0, final - last_final), now - last_time)
-                    last_final, last_time, gamma = final, now, self.draft_len
+                    # credited when tokens are finalised, and after every step of a probe that is behind
+                    # already (a 3-tier probe finalises only once the cloud has verified a block)
+                    if final != last_final or (last_final > prompt_len and self._probe_behind(now - last_time)):
+                        if last_final > prompt_len:  # the first token carries the prompt's forward: no mode's speed
+                            self._mode_policy(max(0, final - last_final), now - last_time)
+                        last_final, last_time, gamma = final, now, self.draft_len
                 if on_tokens and final > emitted:
                     on_tokens(self.seq[emitted:final])
                     emitted = final
@@ -510,8 +519,9 @@ class Chain:
         believes faster (at first: the last tier alone, which never loses) for windows of
         ``probe_every`` tokens and, every ``gap`` windows, tries the other one for a quarter window (3 tiers: half,
         and drafting must win by 10 %; 2 tiers: also in the cost model of the probe's forwards); a
-        probe that loses doubles the gap (up to 32 windows), one that wins makes its mode the preferred
-        one. So a chain whose drafting does not pay spends a vanishing share of its tokens finding that
+        probe that loses at least doubles the gap (enough that probes cost ≤ PROBE_BUDGET of the time, up
+        to MAX_PROBE_GAP windows; a drafting probe is ended as lost after any step once it is behind), one
+        that wins makes its mode the preferred one. So a chain whose drafting does not pay spends a vanishing share of its tokens finding that
         out, and one whose drafting pays switches to it after one probe. The state outlives generate()
         calls (a server or a benchmark pays for the probes once, not per request).
         """
@@ -521,8 +531,7 @@ class Chain:
         self.window_tokens += gained
         self.window_s += elapsed
         probing = mode != self.preferred_mode
-        # a probe: a quarter window (2 tiers), half a window (3 tiers: the cloud finalises tokens in blocks)
-        probe_len = max(4, self.probe_every // (4 if len(self.slots) == 2 else 2))
+        probe_len = self._probe_len()
         solo_speed = self._mode_speeds()[0]
         alone = 0.0 if solo_speed is None else self.window_s * solo_speed  # tokens the last tier alone made meanwhile
         lost = probing and mode == 1 and alone > probe_len and self.window_tokens < alone
@@ -530,6 +539,7 @@ class Chain:
             return  # (a drafting probe behind the last tier alone after the time it needs for the whole probe has lost)
         tokens, seconds = self.mode_rates[mode]  # a finished window; older ones count half as much
         self.mode_rates[mode] = [0.5 * tokens + self.window_tokens, 0.5 * seconds + self.window_s]
+        window_tokens, window_s = self.window_tokens, self.window_s
         self.window_tokens, self.window_s = 0, 0.0
         speeds = self._mode_speeds()
         if probing:
@@ -543,7 +553,7 @@ class Chain:
             if faster:
                 self.preferred_mode, self.probe_gap = mode, 1
             else:
-                self.probe_gap = min(32, 2 * self.probe_gap)
+                self.probe_gap = self._gap_after_loss(window_tokens, window_s, speeds[1 - mode])
             nxt = self.preferred_mode
         else:
             self.windows += 1
@@ -553,6 +563,31 @@ class Chain:
         self.mode = nxt
         self.draft_len = 0 if nxt == 0 else max(self.min_draft, self.initial_draft_len)
         self.policy_log.append(self.draft_len)
+
+    def _gap_after_loss(self, tokens: int, seconds: float, preferred_speed: float | None) -> int:
+        """Windows until the next probe after one that lost: twice the last gap, and at least enough that
+        probes cost at most PROBE_BUDGET of the time (the time this probe lost over the preferred mode's
+        window time); at most MAX_PROBE_GAP windows."""
+        gap = 2 * self.probe_gap
+        if preferred_speed:
+            lost_s = max(0.0, seconds - tokens / preferred_speed)
+            window_s = self.probe_every / preferred_speed
+            gap = max(gap, math.ceil(lost_s / (PROBE_BUDGET * window_s)))
+        return min(MAX_PROBE_GAP, gap)
+
+    def _probe_behind(self, pending_s: float) -> bool:
+        """A drafting probe has run as long as the last tier alone needs for the whole probe and has
+        finalised fewer tokens than it would have meanwhile (then _mode_policy ends it as lost)."""
+        solo_speed = self._mode_speeds()[0]
+        if self.mode != 1 or self.preferred_mode != 0 or solo_speed is None:
+            return False
+        started = self.window_mode == 1  # else the probe has not finalised a token yet: its window is empty
+        alone = ((self.window_s if started else 0.0) + pending_s) * solo_speed
+        return alone > self._probe_len() and (self.window_tokens if started else 0) < alone
+
+    def _probe_len(self) -> int:
+        # a probe: a quarter window (2 tiers), half a window (3 tiers: the cloud finalises tokens in blocks)
+        return max(4, self.probe_every // (4 if len(self.slots) == 2 else 2))
 
     def _mode_speeds(self) -> list[float | None]:
         return [t / s if s > 0 else None for t, s in self.mode_rates]
