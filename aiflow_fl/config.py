@@ -230,6 +230,9 @@ class ServingConfig:
     # the last tier then reads token ids and decodes alone whenever drafting does not pay
     cost_aware: bool = True
     probe_every: int = 16  # cost_aware: measured windows of N tokens; the other mode is probed for N/2 (gap doubles on a loss)
+    # cost_aware: the share of decoding time probes may lose (the first probe of drafting waits until a lost
+    # one would cost at most this: 400 tokens of 3 tiers, 208 of 2 at the defaults; later gaps from measured losses)
+    probe_budget: float = 0.02
     # 2-tier chains: a feature-level draft head (EAGLE; `aiflow bench specdec` trains one) as the device.
     # auto: the head trained for the last tier's weights if one is in $AIFLOW_CACHE/draft-head; off; or a file
     draft_head: str = "auto"
@@ -359,6 +362,8 @@ RANGES: dict[str, tuple] = {
     "hierarchy.edge_cloud_mbps": (lambda v: v > 0, "> 0 Mbit/s (a link's bandwidth)"),
     "hierarchy.device_edge_latency_ms": (lambda v: v >= 0, "≥ 0 ms (latency)"),
     "hierarchy.edge_cloud_latency_ms": (lambda v: v >= 0, "≥ 0 ms (latency)"),
+    "serving.probe_every": _AT_LEAST_1,
+    "serving.probe_budget": (lambda v: 0 < v <= 1, "in (0, 1] (the share of decoding time probes may lose)"),
 }
 
 

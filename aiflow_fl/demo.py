@@ -101,7 +101,7 @@ def serve_trained_family(cfg: AiflowConfig, run_dir: Path, console: Console) -> 
     console.print(f"starting `aiflow serve` on the trained family, chain {chain_name} (server log: {log})")
     sv = cfg.serving  # the run's serving settings (recipe: demo), not the server's defaults
     settings = [f"serving.{k}={getattr(sv, k)}" for k in ("draft_len", "adaptive", "cost_aware", "draft_confidence",
-                                                          "cloud_block", "probe_every", "reuse", "min_draft_len", "max_draft_len")]
+                                                          "cloud_block", "probe_every", "probe_budget", "reuse", "min_draft_len", "max_draft_len")]
     with launch(cfg.family.dir, f"serving.adapter={run_dir}", f"serving.chains=[{chain_name}]", *settings, log=log) as server:
         client = openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0, timeout=300)
 

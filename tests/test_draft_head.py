@@ -35,7 +35,7 @@ def test_head_chains_equal_transformers_generate(arch):
         ids = torch.randint(3, 500, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
         expected = reference(model, ids, 20)
         for options in [dict(draft_len=3), dict(draft_len=1), dict(draft_len=2, adaptive=True),
-                        dict(draft_len=4, cost_aware=True, probe_every=3)]:
+                        dict(draft_len=4, cost_aware=True, probe_every=3, probe_budget=1.0)]:
             chain = head_chain(head, full, eos_token_ids=[], **options)
             result = chain.generate(ids, 20)
             assert result.tokens == expected, options

@@ -340,7 +340,7 @@ def test_cost_aware_chains_are_lossless_and_decode_alone_when_drafts_do_not_pay(
     for seed in (0, 1):
         ids = torch.randint(3, 500, (1, 6 + seed), generator=torch.Generator().manual_seed(seed))
         expected = reference(model, ids, 40)
-        chain = local_chain([members[0], members[2]], reuse=False, draft_len=3, eos_token_ids=[], cost_aware=True, probe_every=4)
+        chain = local_chain([members[0], members[2]], reuse=False, draft_len=3, eos_token_ids=[], cost_aware=True, probe_every=4, probe_budget=1.0)
         assert chain.generate(ids, 40).tokens == expected
         log = chain.policy_log
         assert log[0] == 3 and 0 in log and chain.preferred_mode == 0  # probed drafting, measured it losing, went back
@@ -348,7 +348,7 @@ def test_cost_aware_chains_are_lossless_and_decode_alone_when_drafts_do_not_pay(
         stats = chain.stats()
         assert stats["preferred"] == "last tier alone" and all(v > 0 for v in stats["measured_tokens_per_s"].values())
         for reuse, tiers in [(True, [members[0], members[2]]), (True, members), (False, members)]:
-            other = local_chain(tiers, reuse=reuse, draft_len=2, eos_token_ids=[], cost_aware=True, probe_every=3,
+            other = local_chain(tiers, reuse=reuse, draft_len=2, eos_token_ids=[], cost_aware=True, probe_every=3, probe_budget=1.0,
                                 blocks=[1, 3][: len(tiers) - 1])
             assert other.generate(ids, 40).tokens == expected, (reuse, len(tiers))
             assert other.slots[-1].tier.entry == 0  # the last tier reads token ids: it can decode alone
@@ -371,6 +371,8 @@ def test_a_losing_probe_is_cut_short_and_later_probes_fit_the_probe_budget():
     chain.mode_rates = [[100.0, 1.0], [0.0, 0.0]]  # alone: 100 tokens/s
     chain.mode, chain.preferred_mode, chain.window_mode = 1, 0, 0  # a drafting probe that has finalised nothing yet
     assert chain._probe_len() == 8  # 3 tiers: half a window
+    # the first probe waits until a probe lost after 8 tokens' time costs ≤ 2 % of the decoding: 25 windows
+    assert chain.probe_gap == math.ceil(8 / (PROBE_BUDGET * 16)) == 25
     assert not chain._probe_behind(0.05)  # alone would have made 5 < 8 tokens: too early to judge
     assert chain._probe_behind(0.09)  # 9 tokens' time and none finalised: behind
     chain.window_mode, chain.window_tokens, chain.window_s = 1, 12, 0.08
@@ -397,7 +399,7 @@ def test_cost_aware_chains_switch_to_drafting_when_it_pays():
     device, full = early_exit_members(model, [1])
     ids = torch.randint(3, 500, (1, 7), generator=torch.Generator().manual_seed(0))
     expected = reference(model, ids, 48)
-    chain = local_chain([device, full], reuse=False, draft_len=4, max_draft=8, eos_token_ids=[], cost_aware=True, probe_every=8)
+    chain = local_chain([device, full], reuse=False, draft_len=4, max_draft=8, eos_token_ids=[], cost_aware=True, probe_every=8, probe_budget=1.0)
     assert chain.generate(ids, 48).tokens == expected
     assert chain.preferred_mode == 1 and chain.stats()["preferred"] == "drafting"
     second = chain.generate(ids, 48)  # a second call starts drafting at once (probing the verifier alone now and then)

@@ -36,8 +36,8 @@ from aiflow_fl.serving.acceptance import best_draft_len, greedy_accept, next_dra
 from aiflow_fl.serving.link import Link, tensor_bytes
 from aiflow_fl.serving.tiers import TierOutput
 
-# Cost-aware chains (Chain._mode_policy): after a probe of the other mode loses, the next one waits until
-# the time probes lose is at most this share of the time decoding, and at most this many windows.
+# Cost-aware chains (Chain._mode_policy): the first probe of drafting, and the next after one that lost,
+# wait until the time probes lose is at most this share of the decoding time (at most MAX_PROBE_GAP windows).
 PROBE_BUDGET = 0.02
 MAX_PROBE_GAP = 256
 
@@ -130,6 +130,7 @@ class Chain:
         cost_aware: bool = False,
         probe_every: int = 16,
         on_verifier_loss: str = "fail",
+        probe_budget: float = PROBE_BUDGET,
     ) -> None:
         if not 1 <= len(tiers) <= 3:
             raise AiflowError(f"A chain has 1 to 3 tiers (device[, edge[, cloud]]); got {len(tiers)}.")
@@ -151,6 +152,8 @@ class Chain:
                               "matches the draft block to the verifier's time instead (set one of them to false).")
         if probe_every < 1:
             raise AiflowError(f"probe_every must be ≥ 1 token (got {probe_every}).")
+        if not 0 < probe_budget <= 1:
+            raise AiflowError(f"probe_budget is the share of decoding time probes may lose: 0 < it ≤ 1 (got {probe_budget}).")
         self.draft_len, self.adaptive, self.min_draft, self.max_draft = draft_len, adaptive, min_draft, max_draft
         self.initial_draft_len = draft_len
         # Cost-aware chains (_mode_policy): measured speed of the last tier alone (mode 0) and of drafting
@@ -159,12 +162,15 @@ class Chain:
         self.mode_rates: list[list[float]] = [[0.0, 0.0], [0.0, 0.0]]
         self.window_tokens = self.windows = 0
         self.window_s, self.window_mode = 0.0, 0
-        self.preferred_mode, self.probe_gap = 0, 1  # start with the last tier alone: it never loses
+        self.cost_aware, self.probe_every, self.probe_budget = cost_aware, probe_every, probe_budget
+        # Start with the last tier alone (it never loses); the first probe of drafting waits until a probe
+        # cut short as lost (after probe_len tokens' time of the last tier alone) costs ≤ probe_budget.
+        self.preferred_mode = 0
+        self.probe_gap = max(1, math.ceil(self._probe_len() / (probe_budget * probe_every)))
         self.mode = 0  # the mode running now (a probe of the other one goes on into the next generate())
         self.predicted: tuple[float, float] | None = None  # 2 tiers: modelled tokens/s drafting, alone (_cost_aware)
         # While drafting, the draft length (acceptance.best_draft_len) from a running acceptance estimate
         # (exponentially decayed counts of accepted / rejected draft tokens) and this run's costs.
-        self.cost_aware, self.probe_every = cost_aware, probe_every
         if on_verifier_loss not in ("fail", "device"):
             raise AiflowError(f"on_verifier_loss is '{on_verifier_loss}'; use 'fail' or 'device'.")
         # fail: a lost verifier ends the generation with VerifierLost; device: the tiers below finish it
@@ -519,7 +525,7 @@ class Chain:
         believes faster (at first: the last tier alone, which never loses) for windows of
         ``probe_every`` tokens and, every ``gap`` windows, tries the other one for a quarter window (3 tiers: half,
         and drafting must win by 10 %; 2 tiers: also in the cost model of the probe's forwards); a
-        probe that loses at least doubles the gap (enough that probes cost ≤ PROBE_BUDGET of the time, up
+        probe that loses at least doubles the gap (enough that probes cost ≤ ``probe_budget`` of the time, up
         to MAX_PROBE_GAP windows; a drafting probe is ended as lost after any step once it is behind), one
         that wins makes its mode the preferred one. So a chain whose drafting does not pay spends a vanishing share of its tokens finding that
         out, and one whose drafting pays switches to it after one probe. The state outlives generate()
@@ -566,13 +572,13 @@ class Chain:
 
     def _gap_after_loss(self, tokens: int, seconds: float, preferred_speed: float | None) -> int:
         """Windows until the next probe after one that lost: twice the last gap, and at least enough that
-        probes cost at most PROBE_BUDGET of the time (the time this probe lost over the preferred mode's
+        probes cost at most ``probe_budget`` of the time (the time this probe lost over the preferred mode's
         window time); at most MAX_PROBE_GAP windows."""
         gap = 2 * self.probe_gap
         if preferred_speed:
             lost_s = max(0.0, seconds - tokens / preferred_speed)
             window_s = self.probe_every / preferred_speed
-            gap = max(gap, math.ceil(lost_s / (PROBE_BUDGET * window_s)))
+            gap = max(gap, math.ceil(lost_s / (self.probe_budget * window_s)))
         return min(MAX_PROBE_GAP, gap)
 
     def _probe_behind(self, pending_s: float) -> bool:

@@ -104,7 +104,7 @@ def build_chain(cfg: AiflowConfig, tiers: list[str], family: str | None = None, 
     blocks = [1] + ([s.cloud_block] if len(tiers) == 3 else [])
     options = dict(draft_len=s.draft_len, adaptive=s.adaptive, min_draft=s.min_draft_len, max_draft=max(s.max_draft_len, s.draft_len),
                    blocks=blocks, temperature=s.temperature, pipelined=s.pipelined, seed=s.seed, cores=cores,
-                   confidence=s.draft_confidence, cost_aware=s.cost_aware and not s.pipelined, probe_every=s.probe_every,
+                   confidence=s.draft_confidence, cost_aware=s.cost_aware and not s.pipelined, probe_every=s.probe_every, probe_budget=s.probe_budget,
                    on_verifier_loss=s.on_verifier_loss)
     if len(tiers) == 2 and s.draft_head != "off" and not remote:
         from aiflow_fl.serving.build import head_chain

@@ -89,7 +89,7 @@ class ChainRunner:
         return Chain(tiers, links=links, draft_len=s.draft_len, adaptive=s.adaptive, min_draft=s.min_draft_len,
                      max_draft=max(s.max_draft_len, s.draft_len), blocks=blocks, temperature=temperature,
                      eos_token_ids=self.eos, seed=seed, confidence=s.draft_confidence, cost_aware=s.cost_aware,
-                     probe_every=s.probe_every, on_verifier_loss=s.on_verifier_loss)
+                     probe_every=s.probe_every, probe_budget=s.probe_budget, on_verifier_loss=s.on_verifier_loss)
 
     def submit(self, seq: Sequence) -> None:
         self.pool.submit(self._run, seq)
