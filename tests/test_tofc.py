@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import subprocess
@@ -100,6 +101,26 @@ def test_training_forward_has_gradients_and_positive_rate():
     assert torch.all(out.bits > 0)
     (out.bits.mean() + out.reconstruction.square().mean() + out.balance).backward()
     assert codec.router.weight.grad is not None and codec.experts[0].z_log_scale.grad is not None
+
+
+def test_coding_tables_match_the_per_token_definition():
+    """The batched tables (tokens grouped by expert) equal each token's own expert applied alone."""
+    from aiflow_fl.tofc.entropy import quantize_mean, quantize_scale
+
+    codec = small_codec()
+    x = torch.randn(40, 16) * 2
+    choice, z_hat, _ = codec.to_symbols(x)
+    assert len(torch.unique(choice)) > 1  # the grouping is exercised
+    z_scales, means, scales = codec.coding_params(z_hat, choice)
+    synthesis64 = [copy.deepcopy(e.hyper_synthesis).double() for e in codec.experts]
+    with torch.no_grad():
+        for i, e in enumerate(choice.tolist()):
+            mean, raw = synthesis64[e](z_hat[i].double()).chunk(2)
+            assert torch.equal(means[i], quantize_mean(mean))
+            assert torch.equal(scales[i], quantize_scale(torch.nn.functional.softplus(raw)))
+            assert torch.equal(z_scales[i], quantize_scale(codec.experts[e].z_log_scale.double().exp()))
+            expected_z = torch.round(codec.experts[e].hyper_analysis(codec.analysis(x[i]))).long()
+            assert torch.equal(z_hat[i], expected_z.clamp(-1023, 1023))
 
 
 # ---- bitstreams ---------------------------------------------------------------------------------

@@ -141,7 +141,8 @@ def test_edge_model_feeds_the_familys_member(system, tiny_overrides):
             hidden = full(inputs_embeds=embeds, output_hidden_states=True).hidden_states[1][:, -1]
             reference = full.lm_head(full.model.norm(hidden))[0]
             torch.testing.assert_close(logits[row], reference, rtol=1e-4, atol=1e-5)
-    assert edge.predict(visual, questions).shape == (2,)
+    torch.testing.assert_close(edge.answer_logits(visual, questions), logits[:, edge.answer_ids], rtol=1e-5, atol=1e-6)
+    assert torch.equal(edge.predict(visual, questions), logits[:, edge.answer_ids].argmax(-1))
 
 
 def test_projector_training_lowers_the_answer_loss_with_the_member_frozen(system):

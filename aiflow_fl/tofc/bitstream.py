@@ -11,7 +11,7 @@ Layout (every byte is on the wire and counted)::
                 whose scales come from ẑ through the hyper-synthesis net)
 
 Encoder and decoder compute the coding tables from the same integers with
-:meth:`TofcCodec.coding_params` (float64, one token at a time, snapped to fixed tables), so they
+:meth:`TofcCodec.coding_params` (float64, the tokens of each expert as one batch, snapped to fixed tables), so they
 build bit-identical models (Cool-Chic's lesson). A stream that is truncated, extended, from another
 codec or not a TOFC stream at all is refused with an :class:`AiflowError` that says which.
 """
@@ -100,8 +100,7 @@ def encode_tokens(codec: TofcCodec, merged: torch.Tensor) -> Encoded:
     n_c = merged.shape[0]
     if not 1 <= n_c <= 255:
         raise AiflowError(f"TOFC bitstreams carry 1..255 merged tokens, got {n_c}.")
-    choice, z_hat, symbols = codec.to_symbols(merged)
-    z_scales, _, scales = codec.coding_params(z_hat, choice)
+    choice, z_hat, symbols, z_scales, scales = codec.symbols_and_tables(merged)
     encoder = constriction.stream.queue.RangeEncoder()
     if codec.cfg.experts > 1:
         encoder.encode(choice.numpy().astype(np.int32), constriction.stream.model.Uniform(codec.cfg.experts))
@@ -113,7 +112,7 @@ def encode_tokens(codec: TofcCodec, merged: torch.Tensor) -> Encoded:
     words = encoder.get_compressed()
     header = bytes([MAGIC]) + codec_fingerprint(codec).to_bytes(2, "big") + bytes([n_c]) + _varint(len(words))
     data = header + words.astype("<u4").tobytes()
-    return Encoded(data, n_c, codec.estimated_bits(choice, z_hat, symbols))
+    return Encoded(data, n_c, codec.bits_with_tables(z_hat, symbols, z_scales, scales, n_c))
 
 
 def parse_header(data: bytes) -> tuple[int, int, int, int]:
@@ -141,11 +140,17 @@ def parse_header(data: bytes) -> tuple[int, int, int, int]:
 
 def decode_tokens(codec: TofcCodec, data: bytes) -> torch.Tensor:
     """Bitstream → reconstructed merged tokens x̂ = g_s(μ + s), (n_c, C)."""
-    return codec.from_symbols(*decode_symbols(codec, data))
+    choice, z_hat, symbols, means = _decode(codec, data)
+    return codec.synthesis((means + symbols.double()).float())
 
 
 def decode_symbols(codec: TofcCodec, data: bytes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Bitstream → the encoder's integers exactly: (router choices, ẑ, y symbols)."""
+    return _decode(codec, data)[:3]
+
+
+def _decode(codec: TofcCodec, data: bytes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(router choices, ẑ, y symbols, y means): the means come with the scales, so the tables are built once."""
     import constriction
 
     magic, fingerprint, n_c, offset = parse_header(data)
@@ -172,14 +177,14 @@ def decode_symbols(codec: TofcCodec, data: bytes) -> tuple[torch.Tensor, torch.T
         z_scale_rows = codec.z_prior_scales(choice_t)
         z = decoder.decode(laplace, np.zeros(n_c * cfg.hyper), z_scale_rows.reshape(-1).numpy())
         z_hat = torch.from_numpy(np.asarray(z, dtype=np.int64)).reshape(n_c, cfg.hyper)
-        _, _, scales = codec.coding_params(z_hat, choice_t)
+        _, means, scales = codec.coding_params(z_hat, choice_t)
         y = decoder.decode(laplace, np.zeros(n_c * cfg.latent), scales.reshape(-1).numpy())
     except AiflowError:
         raise
     except Exception as exc:  # constriction raises on an impossible stream
         raise AiflowError(f"TOFC bitstream is corrupt: the range decoder failed ({exc}).") from exc
     symbols = torch.from_numpy(np.asarray(y, dtype=np.int64)).reshape(n_c, cfg.latent)
-    return choice_t, z_hat, symbols
+    return choice_t, z_hat, symbols, means
 
 
 def encode_fp16(tokens: torch.Tensor) -> bytes:

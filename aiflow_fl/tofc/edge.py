@@ -98,22 +98,32 @@ class EdgeModel(nn.Module):
     def next_token_logits(self, visual: torch.Tensor, questions: list[str]) -> torch.Tensor:
         """The member's next-token logits (B, V) after [visual; question]. Right padding is safe: the
         attention is causal, so padded positions after a row's last token never affect it."""
+        return self.member.model.get_output_embeddings()(self._answer_hidden(visual, questions))
+
+    def _answer_hidden(self, visual: torch.Tensor, questions: list[str]) -> torch.Tensor:
+        """The member's last hidden state at each row's answer position, (B, H)."""
         batch = self.batch(questions)
         embeds, last = self.embeds(visual, batch)
         hidden = decoder_of(self.member.model)(inputs_embeds=embeds, use_cache=False).last_hidden_state
-        h = hidden[torch.arange(len(questions)), last]
-        return self.member.model.get_output_embeddings()(h)
+        return hidden[torch.arange(len(questions)), last]
+
+    def answer_logits(self, visual: torch.Tensor, questions: list[str]) -> torch.Tensor:
+        """The member's logits of the candidate answers' first tokens only, (B, n_answers): the LM-head
+        rows of those tokens (13 of a 49k vocabulary), the same values as ``next_token_logits[:, ids]``."""
+        head = self.member.model.get_output_embeddings()
+        bias = head.bias[self.answer_ids] if head.bias is not None else None
+        return nn.functional.linear(self._answer_hidden(visual, questions), head.weight[self.answer_ids], bias)
 
     def loss(self, visual: torch.Tensor, questions: list[str], answers: torch.Tensor) -> torch.Tensor:
         """Answer cross-entropy (nats) among the candidate answers' first tokens: the member's logits of
         those tokens, softmaxed over the candidates (the scoring :meth:`predict` uses)."""
-        logits = self.next_token_logits(visual, questions)[:, self.answer_ids]
+        logits = self.answer_logits(visual, questions)
         return nn.functional.cross_entropy(logits.float(), answers)
 
     @torch.no_grad()
     def predict(self, visual: torch.Tensor, questions: list[str]) -> torch.Tensor:
         """Index of the answer whose first token the member scores highest, (B,)."""
-        return self.next_token_logits(visual, questions)[:, self.answer_ids].argmax(dim=-1)
+        return self.answer_logits(visual, questions).argmax(dim=-1)
 
     @torch.no_grad()
     def generate(self, visual: torch.Tensor, question: str, max_new_tokens: int = 4) -> str:

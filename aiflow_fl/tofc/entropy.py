@@ -164,44 +164,58 @@ class TofcCodec(nn.Module):
         """Top-1 expert per token: (n_c, C) → (n_c,) int64."""
         return self.router(x.float()).argmax(dim=-1)
 
+    def _groups(self, choice: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """(expert, token indices) for every expert some token chose, in expert order. Encoder and
+        decoder hold the same ``choice``, so they run the same batched shapes (bit-identical tables)."""
+        return [(e, (choice == e).nonzero().flatten()) for e in torch.unique(choice).tolist()]
+
     @torch.no_grad()
     def hyper_symbols(self, y: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
         """ẑ = round(h_a^e(y)) for each token with its chosen expert: (n_c, Dz) int64."""
-        z = torch.stack([self.experts[int(e)].hyper_analysis(y[i]) for i, e in enumerate(choice)])
+        z = y.new_zeros(len(choice), self.cfg.hyper)
+        for e, rows in self._groups(choice):
+            z[rows] = self.experts[e].hyper_analysis(y[rows])
         return torch.round(z).long().clamp(-SYMBOL_MAX, SYMBOL_MAX)
 
     @torch.no_grad()
     def z_prior_scales(self, choice: torch.Tensor) -> torch.Tensor:
         """Quantized factorized-prior scales of ẑ for each token's expert: (n_c, Dz) float64."""
-        return torch.stack([quantize_scale(self.experts[e].z_log_scale.double().exp()) for e in choice.tolist()])
+        table = torch.stack([quantize_scale(expert.z_log_scale.double().exp()) for expert in self.experts])
+        return table[choice]
 
     @torch.no_grad()
     def coding_params(self, z_hat: torch.Tensor, choice: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Quantized tables the coder uses, computed identically on both sides from integers only:
         z's prior scales (n_c, Dz), y's means (n_c, D) and scales (n_c, D), all float64."""
-        means, scales = [], []
-        for i, e in enumerate(choice.tolist()):
-            expert = self.experts[e]
-            # One token at a time, in float64: the same shapes and arithmetic in encoder and decoder.
-            net = expert.hyper_synthesis
-            h = z_hat[i].double()
+        means = torch.zeros(len(choice), self.cfg.latent, dtype=torch.float64)
+        scales = torch.zeros(len(choice), self.cfg.latent, dtype=torch.float64)
+        for e, rows in self._groups(choice):
+            # In float64, the tokens of one expert as one batch (module docstring: snapped to tables).
+            net = self.experts[e].hyper_synthesis
+            h = z_hat[rows].double()
             h = nn.functional.gelu(nn.functional.linear(h, net[0].weight.double(), net[0].bias.double()))
             h = nn.functional.linear(h, net[2].weight.double(), net[2].bias.double())
-            mean, raw = h.chunk(2)
-            means.append(quantize_mean(mean))
-            scales.append(quantize_scale(nn.functional.softplus(raw)))
-        return self.z_prior_scales(choice), torch.stack(means), torch.stack(scales)
+            mean, raw = h.chunk(2, dim=-1)
+            means[rows] = quantize_mean(mean)
+            scales[rows] = quantize_scale(nn.functional.softplus(raw))
+        return self.z_prior_scales(choice), means, scales
 
     @torch.no_grad()
     def to_symbols(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Merged tokens (n_c, C) → (router choices (n_c,), ẑ (n_c, Dz), y symbols (n_c, D)), int64."""
+        return self.symbols_and_tables(x)[:3]
+
+    @torch.no_grad()
+    def symbols_and_tables(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """:meth:`to_symbols` plus the coding tables it built on the way: (choice, ẑ, symbols, z's
+        prior scales, y's scales), so the encoder computes them once."""
         x = x.float()
         choice = self.choose_experts(x)
         y = self.analysis(x)
         z_hat = self.hyper_symbols(y, choice)
-        _, means, _ = self.coding_params(z_hat, choice)
+        z_scales, means, scales = self.coding_params(z_hat, choice)
         symbols = torch.round(y.double() - means).long().clamp(-SYMBOL_MAX, SYMBOL_MAX)
-        return choice, z_hat, symbols
+        return choice, z_hat, symbols, z_scales, scales
 
     @torch.no_grad()
     def from_symbols(self, choice: torch.Tensor, z_hat: torch.Tensor, symbols: torch.Tensor) -> torch.Tensor:
@@ -213,5 +227,10 @@ class TofcCodec(nn.Module):
     def estimated_bits(self, choice: torch.Tensor, z_hat: torch.Tensor, symbols: torch.Tensor) -> float:
         """The model's rate of one image's symbols with the quantized tables: Σ −log2 P + router bits."""
         z_scales, _, scales = self.coding_params(z_hat, choice)
+        return self.bits_with_tables(z_hat, symbols, z_scales, scales, len(choice))
+
+    def bits_with_tables(self, z_hat: torch.Tensor, symbols: torch.Tensor, z_scales: torch.Tensor,
+                         scales: torch.Tensor, n_tokens: int) -> float:
+        """:meth:`estimated_bits` given the tables :meth:`coding_params` already computed."""
         bits = laplace_bits(z_hat.double(), z_scales).sum() + laplace_bits(symbols.double(), scales).sum()
-        return float(bits) + self.route_bits() * len(choice)
+        return float(bits) + self.route_bits() * n_tokens
