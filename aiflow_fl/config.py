@@ -278,8 +278,8 @@ class CollabConfig:
 class TofcConfig:
     """Task-oriented feature compression (paper §II-B1): see aiflow_fl/tofc."""
 
-    member: str = "exit-4"  # the family's language member on the edge (member_from_config: exit-k, eesb-i, full, or a built family's member)
-    merged_tokens: int = 16  # n_c, DPC-KNN clusters of the 64 encoder tokens
+    member: str = "exit-12"  # the family's language member on the edge (member_from_config: exit-k, eesb-i, full, or a built family's member)
+    merged_tokens: int = 8  # n_c, DPC-KNN clusters of the 64 encoder tokens (8 answered as well as 64 here)
     knn: int = 5  # k of DPC-KNN's densities
     latent: int = 32  # D, the codec's latent per merged token
     hyper: int = 4  # Dz, the hyperlatent per merged token
@@ -287,7 +287,9 @@ class TofcConfig:
     temperature: float = 1.0  # router softmax temperature in training
     balance_weight: float = 0.1  # α of the balance loss Σ(mean w_e − 1/E)²
     lambdas: list[float] = field(default_factory=lambda: [0.0005, 0.003, 0.02])  # rate weights (per bit), one codec each
-    projector_steps: int = 300
+    lora_rank: int = 8  # LoRA on the edge member, trained with the projector (LLaVA stage 2); 0 = projector only
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    projector_steps: int = 700
     codec_warmup_steps: int = 200  # reconstruction (MSE) steps without the member before the task loss
     codec_steps: int = 80
     batch_size: int = 16
@@ -363,6 +365,7 @@ RANGES: dict[str, tuple] = {
     "hierarchy.device_edge_latency_ms": (lambda v: v >= 0, "≥ 0 ms (latency)"),
     "hierarchy.edge_cloud_latency_ms": (lambda v: v >= 0, "≥ 0 ms (latency)"),
     "serving.probe_every": _AT_LEAST_1,
+    "tofc.lora_rank": (lambda v: v >= 0, ">= 0 (0: the projector alone learns)"),
     "serving.probe_budget": (lambda v: 0 < v <= 1, "in (0, 1] (the share of decoding time probes may lose)"),
 }
 

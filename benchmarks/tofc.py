@@ -13,7 +13,9 @@ Figures: ``curves`` (method family → [[bytes, accuracy], ...]), ``acc_uncompre
 interpolated on the upper envelopes, at each accuracy a baseline point reaches that TOFC also reaches;
 ``mean`` over them), ``latency_ratio_vs_webp`` at 64 kbit/s (the cheapest real point of each method
 reaching the highest accuracy both reach; latency = device compute + link model (5 ms + 8·bytes/rate)
-+ edge compute, compute timed per image, median), ``train_s``. Timing runs under
++ edge compute, compute timed per image on one thread, median), ``train_s``, and ``acc_prior``: the
+accuracy of answering from the question text alone (each question's most frequent training answer),
+the floor an edge model that ignores the image reaches. Timing runs under
 ``/tmp/aiflow-timing.lock``.
 """
 
@@ -80,6 +82,8 @@ def _timings(system, images: np.ndarray, ids: list[int], qualities: dict[str, tu
 
     enc, edge, cfg = system.token_encoder(), system.edge, system.cfg
     out: dict[str, dict] = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core per side, as a device would have; steady when the other core is busy
 
     def tokens_of(img):
         return system.stats.standardize(encode_images(enc, img[None]))
@@ -108,6 +112,7 @@ def _timings(system, images: np.ndarray, ids: list[int], qualities: dict[str, tu
         for q in qs:
             run(f"{fmt}-{q}", lambda img, f=fmt, q=q: compress_image(img, f.upper(), q),
                 lambda data: edge.predict(tokens_of(decompress_image(data)), [question]))
+    torch.set_num_threads(threads)
     return out
 
 
@@ -150,6 +155,7 @@ def _plot(out: Path, result: dict[str, Any], points: dict[str, dict], timings: d
     for method, marker in (("uncompressed", "*"), ("merge-only", "D")):
         p = points[method]
         ax.plot([p["bytes"]], [p["accuracy"]], marker, color="black", ms=9, ls="none", label=f"{method} (float16)")
+    ax.axhline(result["acc_prior"], color="grey", ls=":", label="question-text prior (no image)")
     ax.set(xscale="log", xlabel="bytes per image (real)", ylabel="answer accuracy",
            title=f"easy-VQA test ({result['questions']} questions)")
     ax.grid(alpha=0.3)
@@ -180,7 +186,8 @@ def _plot(out: Path, result: dict[str, Any], points: dict[str, dict], timings: d
 
 def run(quick: bool = False) -> dict[str, Any]:
     from aiflow_fl.config import load_config
-    from aiflow_fl.tofc.evaluate import bytes_saved, fp16_point, image_point, tofc_point
+    from aiflow_fl.tofc.data import load_split
+    from aiflow_fl.tofc.evaluate import answer_prior_accuracy, bytes_saved, fp16_point, image_point, tofc_point
     from aiflow_fl.tofc.system import _test_split, model_dir, test_set, train_system
 
     console = Console()
@@ -195,6 +202,9 @@ def run(quick: bool = False) -> dict[str, Any]:
     test, _ = test_set(system, count, progress=say)
     used = test.images_used
     images = _test_split().images
+    train_split = load_split("train")
+    acc_prior = answer_prior_accuracy(train_split.questions, train_split.answers, test.questions, test.answers)
+    say(f"question-text prior (no image): accuracy {acc_prior:.3f}")
 
     points: dict[str, dict] = {}
     rate_gaps = {}
@@ -237,6 +247,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         "questions": len(test.questions), "images": len(used), "member": system.edge.member.name,
         "merged_tokens": system.cfg.merged_tokens, "lambdas": sorted(system.codecs),
         "acc_uncompressed": round(acc_uncompressed, 4), "acc_best_tofc": round(best_tofc, 4),
+        "acc_prior": round(acc_prior, 4),
         "curves": curves,
         "bytes_saved_vs_webp": saved_webp["mean"], "bytes_saved_vs_jpeg": saved_jpeg["mean"],
         "bytes_saved_detail": {"webp": saved_webp["at"], "jpeg": saved_jpeg["at"]},

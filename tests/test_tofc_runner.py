@@ -107,6 +107,7 @@ def system(tiny_overrides):
 
     cfg = load_config(tiny_overrides)
     edge = member_for(cfg)
+    edge.freeze()
     stats = TokenStats(torch.full((TOKEN_CHANNELS,), 0.1), torch.full((TOKEN_CHANNELS,), 0.5))
     return TofcSystem(cfg.tofc, stats, edge, codecs={0.01: _codec(cfg, 0)})
 
@@ -128,6 +129,7 @@ def test_edge_model_feeds_the_familys_member(system, tiny_overrides):
 
     edge = system.edge
     assert isinstance(edge.member, Member) and edge.member.kind == "exit" and edge.member.exit_layer == 1
+    assert edge.has_lora and edge.lora_state()  # fresh LoRA: B = 0, so the member's function is unchanged
     assert not any(p.requires_grad for p in edge.member.model.parameters())
     assert set(edge.state_dict()) == {"projector.net.0.weight", "projector.net.0.bias", "projector.net.2.weight", "projector.net.2.bias"}
     full = AutoModelForCausalLM.from_pretrained(tiny_model_folder("llama", num_layers=2, hidden_size=32)).eval()
@@ -162,6 +164,36 @@ def test_projector_training_lowers_the_answer_loss_with_the_member_frozen(system
     assert np.mean(losses[-10:]) < np.mean(losses[:5]) - 0.1
     after = edge.member.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # only the projector learned
+
+
+def test_edge_lora_learns_only_adapters_and_survives_the_cache(tiny_overrides, tmp_path, monkeypatch):
+    """With tofc.lora_rank > 0 the member's own weights stay as built, its LoRA learns, and a saved
+    system loads back to the same answer logits (what `aiflow tofc edge` in another process serves)."""
+    from aiflow_fl.config import load_config
+    from aiflow_fl.tofc.system import TofcSystem, TokenStats, TrainData, _save, load_system, member_for, model_dir, train_projector
+
+    monkeypatch.setenv("AIFLOW_CACHE", str(tmp_path / "cache"))
+    cfg = load_config([*tiny_overrides, "tofc.projector_steps=20", "tofc.batch_size=8", "tofc.lora_rank=4"])
+    edge = member_for(cfg)
+    base = {k: v.clone() for k, v in edge.member.model.state_dict().items() if "lora_" not in k}
+    lora_before = {k: v.clone() for k, v in edge.lora_state().items()}
+    gen = torch.Generator().manual_seed(0)
+    answers = torch.randint(0, 2, (16,), generator=gen)
+    tokens = torch.randn(16, 64, 112, generator=gen) + 2 * answers[:, None, None].float()
+    train_projector(edge, TrainData(tokens, tokens[:, :8], [QUESTION] * 16, answers, torch.arange(16)), cfg.tofc)
+    after = edge.member.model.state_dict()
+    assert all(torch.equal(base[k], after[k]) for k in base)
+    assert any(not torch.equal(lora_before[k], v) for k, v in edge.lora_state().items())
+    assert not any(p.requires_grad for p in edge.trainable_parameters())
+    stats = TokenStats(torch.zeros(112), torch.ones(112))
+    _save(TofcSystem(cfg.tofc, stats, edge, info={}), model_dir(cfg))
+    loaded = load_system(cfg, lambdas=[])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.edge.answer_logits(tokens[:4], [QUESTION] * 4),
+                                   edge.answer_logits(tokens[:4], [QUESTION] * 4), rtol=0, atol=0)
+    (model_dir(cfg) / "edge-lora.safetensors").unlink()
+    with pytest.raises(AiflowError, match="edge-lora"):
+        load_system(cfg, lambdas=[])
 
 
 def member_for_like(system):
@@ -279,3 +311,26 @@ def test_points_count_real_bytes_and_score_what_the_edge_decodes(system):
     assert point.accuracy == pytest.approx(float((edge.predict(decoded, questions) == test.answers).float().mean()))
     sizes = torch.tensor([500, 900, 700])
     assert image_point(edge, "webp-10", tokens, sizes, test).bytes == pytest.approx(700)
+
+
+def test_answer_prior_is_the_most_frequent_training_answer_per_question_text():
+    from aiflow_fl.tofc.evaluate import answer_prior_accuracy
+
+    train_q = ["is it red?", "is it red?", "is it red?", "what shape?", "what shape?"]
+    train_a = torch.tensor([1, 1, 0, 5, 5])
+    # "is it red?" → 1, "what shape?" → 5, an unseen text → the overall most frequent answer (1).
+    test_q = ["is it red?", "is it red?", "what shape?", "unseen?"]
+    assert answer_prior_accuracy(train_q, train_a, test_q, torch.tensor([1, 0, 5, 1])) == pytest.approx(0.75)
+    assert answer_prior_accuracy(train_q, train_a, test_q, torch.tensor([0, 0, 4, 2])) == 0.0
+
+
+def test_demo_asks_tofc_questions_about_real_test_images(system):
+    from rich.console import Console
+
+    from aiflow_fl.demo import TOFC_DEMO_IMAGES, tofc_question
+
+    console = Console(record=True, width=100)
+    out = tofc_question(console, system=system)
+    text = console.export_text()
+    assert out["tofc_asked"] == TOFC_DEMO_IMAGES and 0 <= out["tofc_correct"] <= TOFC_DEMO_IMAGES
+    assert out["tofc_bytes"] > 5 and text.count("(truth ") == TOFC_DEMO_IMAGES and "WebP q10" in text

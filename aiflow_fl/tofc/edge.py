@@ -5,8 +5,11 @@ The decoded visual tokens (n × 112, standardized) go through a two-layer MLP pr
 embeddings; the frozen member reads ``inputs_embeds`` = [visual; "\\nQuestion: {q}\\nAnswer:"]. Its
 answer is scored from the next-token distribution at the last position: the candidate answer
 whose first token (with a leading space: " blue", " yes", …; the 13 first tokens are distinct) the
-member gives the highest log-probability. Training loss: the member's cross-entropy of that token
-over its whole vocabulary. :meth:`EdgeModel.generate` lets the member write the answer as text.
+member gives the highest log-probability. Training loss: the cross-entropy of the answer among the
+13 candidates. As LLaVA's second stage does, the member may also learn: :meth:`EdgeModel.add_lora`
+injects peft LoRA adapters into its decoder layers (the frozen member alone, reading visual tokens it
+was never trained on, answers worse than the question-text prior). :meth:`EdgeModel.generate` lets
+the member write the answer as text.
 """
 
 from __future__ import annotations
@@ -72,6 +75,44 @@ class EdgeModel(nn.Module):
         self.register_buffer("answer_ids", torch.tensor(first), persistent=False)
         self.projector = Projector(channels, member.hidden_size)
         self._question_cache: dict[str, list[int]] = {}
+        self.has_lora = False
+
+    def add_lora(self, rank: int, targets: list[str], seed: int) -> None:
+        """Inject trainable peft LoRA adapters (rank ``rank``, α = 2·rank) into the member's
+        ``targets`` linears, in place (the member is this edge model's own fresh copy)."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        torch.manual_seed(seed)
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), lora_dropout=0.0, bias="none")
+        try:
+            inject_adapter_in_model(config, self.member.model)
+        except ValueError as exc:
+            raise AiflowError(f"tofc.lora_targets {list(targets)} matched no linear of member "
+                              f"'{self.member.name}': {str(exc).splitlines()[0]}") from None
+        self.has_lora = True
+
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        """The member's LoRA weights (peft's names), empty without :meth:`add_lora`."""
+        from peft import get_peft_model_state_dict
+
+        return dict(get_peft_model_state_dict(self.member.model)) if self.has_lora else {}
+
+    def load_lora_state(self, state: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        mine = self.lora_state()
+        if set(mine) != set(state) or any(mine[k].shape != state[k].shape for k in state):
+            raise AiflowError("The saved edge LoRA does not fit this member (other rank, targets or member); retrain it.")
+        set_peft_model_state_dict(self.member.model, state)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.projector.parameters()) + [p for n, p in self.member.model.named_parameters() if "lora_" in n]
+
+    def freeze(self) -> None:
+        for p in self.trainable_parameters():
+            p.requires_grad_(False)
+        self.eval()
+        self.member.model.eval()
 
     def question_ids(self, question: str) -> list[int]:
         ids = self._question_cache.get(question)

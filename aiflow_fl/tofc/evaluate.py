@@ -120,3 +120,18 @@ def bytes_saved(tofc: list[list[float]], baseline: list[list[float]]) -> dict:
             rows.append({"accuracy": round(b_acc, 4), "baseline_bytes": round(base, 1), "tofc_bytes": round(t_bytes, 1),
                          "saved": round(1.0 - t_bytes / base, 4)})
     return {"mean": round(float(np.mean([r["saved"] for r in rows])), 4) if rows else None, "at": rows}
+
+
+def answer_prior_accuracy(train_questions: list[str], train_answers: torch.Tensor, test_questions: list[str],
+                          test_answers: torch.Tensor) -> float:
+    """Accuracy of answering without the image: each test question gets the most frequent training
+    answer of the same question text (else the most frequent answer overall). What a model that
+    ignores the visual tokens can reach; an edge model must beat it for bytes-vs-accuracy to mean much."""
+    from collections import Counter, defaultdict
+
+    by_text: dict[str, Counter] = defaultdict(Counter)
+    for question, answer in zip(train_questions, train_answers.tolist()):
+        by_text[question][answer] += 1
+    overall = Counter(train_answers.tolist()).most_common(1)[0][0]
+    guesses = [by_text[q].most_common(1)[0][0] if q in by_text else overall for q in test_questions]
+    return float((torch.tensor(guesses) == test_answers).float().mean())

@@ -1,10 +1,11 @@
 """Training, caching and evaluating a TOFC system: encoder statistics, edge projector, one codec per λ.
 
-Stages (the language member and the encoder stay frozen throughout):
+Stages (the encoder stays frozen; the member's own weights too, it learns through LoRA only):
 
 1. **Tokens**: easy-VQA images → EfficientNet-Lite0 tokens, cached once (:mod:`.data`); standardized
    per channel with the train split's mean and std.
-2. **Projector** (the edge model): answer cross-entropy of the member on [projected visual; question],
+2. **Edge model**: the projector and LoRA on the member (``tofc.lora_rank``; 0 = the projector
+   alone), answer cross-entropy of the member on [projected visual; question],
    one step in three on all 64 tokens (what JPEG/WebP/uncompressed deliver) and on the n_c DPC-KNN
    merged tokens (what TOFC delivers), so one edge model serves every method.
 3. **Codec per λ**: a short reconstruction warm-up (MSE + λ·bits, no member), then the paper's loss
@@ -120,7 +121,10 @@ def member_for(config):
 
     member = language_member(config)
     torch.manual_seed(config.tofc.seed)
-    return EdgeModel(member, answer_names(), TOKEN_CHANNELS)
+    edge = EdgeModel(member, answer_names(), TOKEN_CHANNELS)
+    if config.tofc.lora_rank > 0:
+        edge.add_lora(config.tofc.lora_rank, list(config.tofc.lora_targets), config.tofc.seed)
+    return edge
 
 
 @dataclass
@@ -158,9 +162,13 @@ def _batches(n: int, batch_size: int, steps: int, seed: int):
 
 
 def train_projector(edge, data: TrainData, cfg, progress: Progress | None = None) -> list[float]:
-    """Stage 2: the projector on the member's answer CE (full and merged tokens on alternate steps)."""
-    opt = torch.optim.AdamW(edge.projector.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(1, cfg.projector_steps), pct_start=0.1)
+    """Stage 2: the projector (and the member's LoRA, if any) on the answer CE (full and merged tokens
+    on alternate steps)."""
+    lora = [p for p in edge.trainable_parameters() if not any(p is q for q in edge.projector.parameters())]
+    # LoRA moves a pretrained member: a third of the projector's rate (the projector starts from scratch).
+    groups = [{"params": list(edge.projector.parameters()), "lr": cfg.lr}] + ([{"params": lora, "lr": cfg.lr / 3}] if lora else [])
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=max(1, cfg.projector_steps), pct_start=0.1)
     losses = []
     edge.projector.train()
     for step, rows in enumerate(_batches(len(data.questions), cfg.batch_size, cfg.projector_steps, cfg.seed)):
@@ -174,8 +182,9 @@ def train_projector(edge, data: TrainData, cfg, progress: Progress | None = None
         sched.step()
         losses.append(float(loss.detach()))
         if (step + 1) % 50 == 0 or step + 1 == cfg.projector_steps:
-            _say(progress, f"projector step {step + 1}/{cfg.projector_steps}: CE {np.mean(losses[-50:]):.3f}")
-    edge.projector.eval()
+            what = "projector + member LoRA" if edge.has_lora else "projector"
+            _say(progress, f"edge ({what}) step {step + 1}/{cfg.projector_steps}: CE {np.mean(losses[-50:]):.3f}")
+    edge.freeze()
     return losses
 
 
@@ -219,6 +228,9 @@ def train_codec(lam: float, edge, data: TrainData, cfg, progress: Progress | Non
 def _save(system: TofcSystem, folder: Path) -> None:
     from safetensors.torch import save
 
+    lora = system.edge.lora_state()
+    if lora:
+        atomic_write_bytes(folder / "edge-lora.safetensors", save({k: v.contiguous() for k, v in lora.items()}))
     atomic_write_bytes(folder / "projector.safetensors", save({k: v.contiguous() for k, v in system.edge.projector.state_dict().items()}))
     atomic_write_bytes(folder / "stats.safetensors", save({"mean": system.stats.mean.contiguous(), "std": system.stats.std.contiguous()}))
     for lam, codec in system.codecs.items():
@@ -237,9 +249,11 @@ def load_system(config, lambdas: list[float] | None = None) -> TofcSystem:
         raise AiflowError(f"No trained TOFC system for this recipe in {folder}; run `aiflow tofc train` first.")
     edge = member_for(config)
     edge.projector.load_state_dict(load_file(str(folder / "projector.safetensors")))
-    edge.projector.eval()
-    for p in edge.projector.parameters():
-        p.requires_grad_(False)
+    if edge.has_lora:
+        if not (folder / "edge-lora.safetensors").is_file():
+            raise AiflowError(f"The TOFC system in {folder} lacks edge-lora.safetensors (its recipe has LoRA); retrain it.")
+        edge.load_lora_state(load_file(str(folder / "edge-lora.safetensors")))
+    edge.freeze()
     s = load_file(str(folder / "stats.safetensors"))
     info = json.loads((folder / "info.json").read_text()) if (folder / "info.json").is_file() else {}
     system = TofcSystem(cfg, TokenStats(s["mean"], s["std"]), edge, info=info)
@@ -274,8 +288,6 @@ def train_system(config, progress: Progress | None = None, retrain: bool = False
         system = TofcSystem(cfg, stats, edge, info={"recipe": recipe_key(config), "member": edge.member.name, "train_s": {}})
         system.info["projector_ce"] = train_projector(edge, data, cfg, progress)[-50:]
         system.info.setdefault("train_s", {})["projector"] = round(time.perf_counter() - start, 1)
-        for p in edge.projector.parameters():
-            p.requires_grad_(False)
         _save(system, folder)
     system.info.setdefault("train_s", {})
     previous = load_system(config).codecs if not retrain else {}
