@@ -170,6 +170,7 @@ def test_edge_lora_learns_only_adapters_and_survives_the_cache(tiny_overrides, t
     """With tofc.lora_rank > 0 the member's own weights stay as built, its LoRA learns, and a saved
     system loads back to the same answer logits (what `aiflow tofc edge` in another process serves)."""
     from aiflow_fl.config import load_config
+    from aiflow_fl.layers import decoder_of
     from aiflow_fl.tofc.system import TofcSystem, TokenStats, TrainData, _save, load_system, member_for, model_dir, train_projector
 
     monkeypatch.setenv("AIFLOW_CACHE", str(tmp_path / "cache"))
@@ -182,9 +183,20 @@ def test_edge_lora_learns_only_adapters_and_survives_the_cache(tiny_overrides, t
     tokens = torch.randn(16, 64, 112, generator=gen) + 2 * answers[:, None, None].float()
     train_projector(edge, TrainData(tokens, tokens[:, :8], [QUESTION] * 16, answers, torch.arange(16)), cfg.tofc)
     after = edge.member.model.state_dict()
-    assert all(torch.equal(base[k], after[k]) for k in base)
-    assert any(not torch.equal(lora_before[k], v) for k, v in edge.lora_state().items())
-    assert not any(p.requires_grad for p in edge.trainable_parameters())
+    lora = edge.lora_state()
+    assert any(not torch.equal(lora_before[k], v) for k, v in lora.items())
+    assert not any(p.requires_grad for p in edge.member.model.parameters()) and not any(p.requires_grad for p in edge.projector.parameters())
+    # frozen = merged: each adapted weight is W + α/r·B·A (α = 2r) of the weights it was built with
+    adapted = {k.removesuffix(".lora_A.weight") for k in lora if k.endswith(".lora_A.weight")}
+    assert len(adapted) == 7 * len(decoder_of(edge.member.model).layers)  # every layer × the 7 default targets
+    for name in adapted:
+        key = next(k for k in base if k.endswith(name.removeprefix("base_model.model.") + ".base_layer.weight"))
+        expected = base[key] + 2.0 * lora[name + ".lora_B.weight"] @ lora[name + ".lora_A.weight"]
+        torch.testing.assert_close(after[key], expected, rtol=1e-5, atol=1e-6)
+    untouched = [k for k in base if ".base_layer." not in k]
+    assert untouched and all(torch.equal(base[k], after[k]) for k in untouched)
+    with pytest.raises(AiflowError, match="frozen"):
+        edge.trainable_parameters()
     stats = TokenStats(torch.zeros(112), torch.ones(112))
     _save(TofcSystem(cfg.tofc, stats, edge, info={}), model_dir(cfg))
     loaded = load_system(cfg, lambdas=[])

@@ -103,14 +103,34 @@ class EdgeModel(nn.Module):
         mine = self.lora_state()
         if set(mine) != set(state) or any(mine[k].shape != state[k].shape for k in state):
             raise AiflowError("The saved edge LoRA does not fit this member (other rank, targets or member); retrain it.")
+        merged = [layer for layer in self._lora_layers() if layer.merged]
+        for layer in merged:  # a merged delta must leave the weights before new adapters replace it
+            layer.unmerge()
         set_peft_model_state_dict(self.member.model, state)
+        for layer in merged:
+            layer.merge()
+
+    def _lora_layers(self) -> list:
+        from peft.tuners.lora import LoraLayer
+
+        return [m for m in self.member.model.modules() if isinstance(m, LoraLayer)]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
+        if not self.has_lora:
+            return list(self.projector.parameters())
+        if any(layer.merged for layer in self._lora_layers()):
+            raise AiflowError("This edge model is frozen (its LoRA is merged into the member); build a new one to train.")
         return list(self.projector.parameters()) + [p for n, p in self.member.model.named_parameters() if "lora_" in n]
 
     def freeze(self) -> None:
+        """Inference mode: nothing trains, and the LoRA is merged into the member's weights (W + α/r·BA,
+        peft's own merge): the unmerged adapters cost 84 extra small products a forward, ~10 % of
+        the edge's time at 8 visual tokens. The adapters stay readable (:meth:`lora_state`)."""
         for p in self.trainable_parameters():
             p.requires_grad_(False)
+        for layer in self._lora_layers() if self.has_lora else []:
+            if not layer.merged:
+                layer.merge()
         self.eval()
         self.member.model.eval()
 
