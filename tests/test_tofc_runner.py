@@ -286,6 +286,22 @@ def test_ask_two_processes_on_loopback(system, tiny_overrides, image_path, tmp_p
         ask_edge(edge.url, bitstream, QUESTION, timeout_s=5)
 
 
+def test_codec_settings_key_the_codec_files_not_the_edge(system, tiny_overrides, tmp_path, monkeypatch):
+    """Changing a codec-only setting keeps the trained edge (same folder) and asks for new codecs;
+    changing an edge setting asks for a new folder."""
+    from aiflow_fl.config import load_config
+    from aiflow_fl.tofc.system import _save, load_system, model_dir
+
+    monkeypatch.setenv("AIFLOW_CACHE", str(tmp_path / "cache"))
+    cfg = load_config(tiny_overrides)
+    _save(system, model_dir(cfg))
+    assert set(load_system(cfg).codecs) == set(system.codecs)
+    longer = load_config([*tiny_overrides, f"tofc.codec_steps={cfg.tofc.codec_steps + 1}"])
+    assert model_dir(longer) == model_dir(cfg)
+    assert load_system(longer).codecs == {}  # the edge loads; its codecs must be retrained
+    assert model_dir(load_config([*tiny_overrides, f"tofc.projector_steps={cfg.tofc.projector_steps + 1}"])) != model_dir(cfg)
+
+
 # ---- scoring: equal-accuracy byte savings and the points every method gets -----------------------
 
 def test_bytes_at_equal_accuracy_interpolates_on_the_upper_envelope():

@@ -97,12 +97,18 @@ def _plain(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
 
 
+# Settings only the codecs read: they key each codec's file, not the folder, so changing them retrains
+# the codecs (~30 s each) and keeps the projector and LoRA (minutes).
+CODEC_FIELDS = ("latent", "hyper", "experts", "temperature", "balance_weight", "codec_warmup_steps", "codec_steps")
+
+
 def recipe_key(config) -> str:
-    """Hash of everything that changes the trained weights: the TOFC recipe (not the evaluation
-    settings or the λ list: each λ's codec is its own file) and the language member it feeds."""
+    """Hash of everything that changes the edge's trained weights: the TOFC recipe (not the evaluation
+    settings, the λ list or the codec-only settings: each codec is its own file, :func:`codec_path`)
+    and the language member it feeds."""
     from aiflow_fl.family.member import family_built
 
-    recipe = {k: v for k, v in _plain(config.tofc).items() if k not in ("eval_questions", "lambdas")}
+    recipe = {k: v for k, v in _plain(config.tofc).items() if k not in ("eval_questions", "lambdas", *CODEC_FIELDS)}
     recipe["format"] = RECIPE_FORMAT
     recipe["model"] = [str(config.model.name), str(config.model.dtype)]
     recipe["family"] = str(Path(config.family.dir).resolve()) if family_built(config) else ""
@@ -111,6 +117,13 @@ def recipe_key(config) -> str:
 
 def model_dir(config) -> Path:
     return cache_dir() / "tofc" / "models" / recipe_key(config)
+
+
+def codec_path(folder: Path, cfg, lam: float) -> Path:
+    """The file of λ's codec trained with ``cfg``'s (the tofc section's) codec settings, in ``folder``."""
+    plain = _plain(cfg)
+    key = hashlib.sha256(json.dumps({k: plain[k] for k in CODEC_FIELDS}, sort_keys=True).encode()).hexdigest()[:8]
+    return folder / f"codec-{lam:g}-{key}.safetensors"
 
 
 def member_for(config):
@@ -234,7 +247,7 @@ def _save(system: TofcSystem, folder: Path) -> None:
     atomic_write_bytes(folder / "projector.safetensors", save({k: v.contiguous() for k, v in system.edge.projector.state_dict().items()}))
     atomic_write_bytes(folder / "stats.safetensors", save({"mean": system.stats.mean.contiguous(), "std": system.stats.std.contiguous()}))
     for lam, codec in system.codecs.items():
-        atomic_write_bytes(folder / f"codec-{lam:g}.safetensors", save({k: v.contiguous() for k, v in codec.state_dict().items()}))
+        atomic_write_bytes(codec_path(folder, system.cfg, lam), save({k: v.contiguous() for k, v in codec.state_dict().items()}))
     atomic_write_bytes(folder / "info.json", json.dumps(system.info, indent=1).encode())
 
 
@@ -258,7 +271,7 @@ def load_system(config, lambdas: list[float] | None = None) -> TofcSystem:
     info = json.loads((folder / "info.json").read_text()) if (folder / "info.json").is_file() else {}
     system = TofcSystem(cfg, TokenStats(s["mean"], s["std"]), edge, info=info)
     for lam in lambdas if lambdas is not None else list(cfg.lambdas):
-        path = folder / f"codec-{lam:g}.safetensors"
+        path = codec_path(folder, cfg, lam)
         if path.is_file():
             codec = TofcCodec(codec_config(cfg))
             codec.load_state_dict(load_file(str(path)))
