@@ -216,7 +216,7 @@ def train_codec(lam: float, edge, data: TrainData, cfg, progress: Progress | Non
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        history["warmup_mse"].append(float(mse))
+        history["warmup_mse"].append(mse.item())
     _say(progress, f"codec λ={lam:g} warm-up: MSE {np.mean(history['warmup_mse'][-50:] or [0]):.3f}")
     opt = torch.optim.AdamW(codec.parameters(), lr=cfg.lr, weight_decay=0.0)
     for step, rows in enumerate(_batches(len(data.questions), cfg.batch_size, cfg.codec_steps, cfg.seed + 2)):
