@@ -266,6 +266,7 @@ class CollabConfig:
     threshold: float = 0.5  # cosine similarity a route needs (semantic-router's default for all-MiniLM-L6-v2)
     temperature: float = 0.05  # fusion weights = softmax(router score / temperature)
     top_m: int = 5  # a route's score = mean of its top-m utterance similarities
+    lexical_weight: float = 0.0  # hybrid routing: (1 - w) * dense + w * TF-IDF cosine (0: MiniLM alone)
     rounds: int = 1  # broadcast + revise rounds (0: none)
     synthesis: str = "prompt"  # prompt (Mixture-of-Agents aggregator) | fusion (token-level, router-weighted)
     timeout_s: float = 120.0  # a specialist silent this long in a step is dropped (with a warning)

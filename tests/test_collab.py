@@ -13,7 +13,8 @@ import torch
 from aiflow_fl.collab import fusion
 from aiflow_fl.collab.agents import LocalAgent, ProcessAgent, reply_bytes, request_bytes, score_continuations
 from aiflow_fl.collab.protocol import CollabSettings, Collaboration
-from aiflow_fl.collab.router import Route, Router, fusion_weights, route_scores, select_routes
+from aiflow_fl.collab.router import (Route, Router, TfidfIndex, fusion_weights, hybrid_scores, lexical_tokens, route_scores,
+                                     route_scores_many, route_texts, select_routes)
 from aiflow_fl.errors import AiflowError
 from aiflow_fl.models import tiny_model
 
@@ -48,6 +49,76 @@ def test_route_scores_selection_and_weights():
     w = fusion_weights([0.9, 0.6], 0.1)
     assert w[0] == pytest.approx(1 / (1 + torch.exp(torch.tensor(-3.0)).item())) and sum(w) == pytest.approx(1.0)
     assert fusion_weights([0.9, 0.6], 0.0) == [1.0, 0.0]
+
+
+def test_batched_route_scores_equal_one_query_at_a_time():
+    torch.manual_seed(0)
+    queries = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
+    utts = torch.nn.functional.normalize(torch.randn(9, 8), dim=1)
+    owners = [0, 0, 0, 1, 1, 2, 2, 2, 2]
+    for m in (1, 2, 5):
+        batch = route_scores_many(queries, utts, owners, 4, top_m=m)
+        for q in range(5):
+            assert torch.allclose(batch[q], route_scores(queries[q], utts, owners, 4, top_m=m))
+    assert torch.isinf(route_scores_many(queries, utts, owners, 4)[:, 3]).all()  # a route without utterances
+
+
+def test_tfidf_centroids_are_sublinear_smoothed_idf_cosines():
+    assert lexical_tokens("def f(x):\n    return x >= 1  # Note") == ["def", "f", "(", "x", "):", "return", "x", ">=", "1", "#", "note"]
+    texts = ["apple apple banana", "banana cherry", "dog"]
+    index = TfidfIndex(texts, [0, 0, 1], 2)
+    n = 3
+    idf = {w: torch.log(torch.tensor((1 + n) / (1 + df))).item() + 1 for w, df in {"apple": 1, "banana": 2, "cherry": 1, "dog": 1}.items()}
+    def vec(weights):
+        v = torch.tensor([weights.get(w, 0.0) for w in sorted(idf)])
+        return v / v.norm()
+    v1 = vec({"apple": (1 + torch.log(torch.tensor(2.0)).item()) * idf["apple"], "banana": idf["banana"]})
+    v2 = vec({"banana": idf["banana"], "cherry": idf["cherry"]})
+    centroid0 = (v1 + v2) / (v1 + v2).norm()
+    got = index.scores(["banana apple", "dog dog", "zebra"])
+    q = vec({"banana": idf["banana"], "apple": idf["apple"]})
+    assert got[0, 0] == pytest.approx(float(q @ centroid0), abs=1e-6) and got[0, 1] == pytest.approx(0.0)
+    assert got[1].tolist() == pytest.approx([0.0, 1.0])
+    assert got[2].tolist() == [0.0, 0.0]  # words unseen in the routes score nothing
+    dense, lex = torch.tensor([[0.8, 0.6]]), torch.tensor([[0.1, 0.5]])
+    assert hybrid_scores(dense, lex, 0.0) is dense
+    assert torch.allclose(hybrid_scores(dense, lex, 0.25), torch.tensor([[0.625, 0.575]]))
+
+
+class _ConstantEncoder:
+    """Every text embeds to the same vector: the dense score cannot tell routes apart."""
+
+    dim = 4
+
+    def __init__(self):
+        self.calls = 0
+
+    def encode(self, texts):
+        self.calls += 1
+        return torch.nn.functional.normalize(torch.ones(len(texts), 4), dim=1)
+
+
+def test_hybrid_router_separates_code_from_prose_lexically_and_takes_cached_embeddings():
+    routes = [Route("code", "source code", ["def f(x):\n    return x", "for i in range(n):\n    total += i", "if x == 0:\n    raise ValueError()"]),
+              Route("law", "licence texts", ["Permission is hereby granted, free of charge", "THE SOFTWARE IS PROVIDED AS IS",
+                                             "Redistribution and use in source and binary forms"])]
+    encoder = _ConstantEncoder()
+    dense_only = Router(routes, encoder, top_k=1, threshold=-1.0)
+    texts, owners = route_texts(routes)
+    assert owners == [0, 0, 0, 0, 1, 1, 1, 1] and texts[0] == "source code"
+    hybrid = Router(routes, encoder, top_k=1, threshold=-1.0, lexical_weight=0.3, utterance_embeddings=encoder.encode(texts))
+    calls = encoder.calls
+    queries = ["while x > 0:\n    x -= 1\n    return f(x)", "is hereby granted provided that the above copyright notice"]
+    scores = hybrid.score_many(queries)
+    assert encoder.calls == calls + 1  # one batch for all queries, the routes were not encoded again
+    assert scores.argmax(1).tolist() == [0, 1]
+    assert dense_only.score_many(queries)[0, 0] == pytest.approx(float(dense_only.score_many(queries)[0, 1]))  # a tie
+    assert hybrid.route(queries[1]).selected == ["law"]
+    assert hybrid.scores(queries[0]) == pytest.approx(dict(zip(["code", "law"], scores[0].tolist())))
+    with pytest.raises(AiflowError, match="lexical_weight"):
+        Router(routes, encoder, lexical_weight=1.5)
+    with pytest.raises(AiflowError, match="utterance embeddings"):
+        Router(routes, encoder, utterance_embeddings=torch.zeros(3, 4))
 
 
 # ---------------------------------------------------------------------------- members: scoring and fused decoding

@@ -44,7 +44,8 @@ def prepare(cfg, run_dir: str | Path | None, query: str | None = None) -> Prepar
 
     settings = settings_of(cfg)
     check_settings(settings)
-    check_router_settings(cfg.collab.top_k, cfg.collab.threshold, cfg.collab.temperature, cfg.collab.top_m)
+    check_router_settings(cfg.collab.top_k, cfg.collab.threshold, cfg.collab.temperature, cfg.collab.top_m,
+                          cfg.collab.lexical_weight)
     if query is not None:
         check_query(query, settings.max_query_chars)
     run = run_dir or cfg.collab.run
@@ -66,7 +67,8 @@ def open_collaboration(cfg, run_dir: str | Path | None = None, query: str | None
     prepared = prepare(cfg, run_dir, query)
     run_cfg = load_config(list(overrides or []), config_file=prepared.run_dir / "config.yaml")
     routes = [Route(s.name, s.description, list(s.utterances)) for s in prepared.specialists]
-    router = Router(routes, shared_encoder(), cfg.collab.top_k, cfg.collab.threshold, cfg.collab.temperature, cfg.collab.top_m)
+    router = Router(routes, shared_encoder(), cfg.collab.top_k, cfg.collab.threshold, cfg.collab.temperature, cfg.collab.top_m,
+                    cfg.collab.lexical_weight)
     model, tokenizer = load_specialist_model(run_cfg, prepared.general)
     general = LocalAgent(prepared.general.name, model, tokenizer)
     agents: dict = {}
