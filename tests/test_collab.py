@@ -85,6 +85,19 @@ def test_tfidf_centroids_are_sublinear_smoothed_idf_cosines():
     assert torch.allclose(hybrid_scores(dense, lex, 0.25), torch.tensor([[0.625, 0.575]]))
 
 
+def test_bench_route_utterances_are_query_shaped_and_the_leakage_count_finds_shared_spans():
+    from aiflow_benchmarks.collaboration import PREFIX_TOKENS, ROUTER_UTTERANCES, route_utterance_ids, shared_ngrams
+
+    train = [list(range(i, i + 48)) for i in range(3 * ROUTER_UTTERANCES)]
+    utterances = route_utterance_ids(train)
+    assert len(utterances) == ROUTER_UTTERANCES and all(len(u) == PREFIX_TOKENS for u in utterances)
+    assert utterances[:2] == [train[0][:PREFIX_TOKENS], train[3][:PREFIX_TOKENS]]  # evenly spaced
+    assert route_utterance_ids(train[:5]) == [w[:PREFIX_TOKENS] for w in train[:5]]
+    queries = [[900, 901, *range(10, 18), 902], [900 + i for i in range(12)], [1, 2, 3]]
+    assert shared_ngrams(queries, [list(range(40))], n=8) == 1
+    assert shared_ngrams(queries, [list(range(40))], n=9) == 0
+
+
 class _ConstantEncoder:
     """Every text embeds to the same vector: the dense score cannot tell routes apart."""
 
