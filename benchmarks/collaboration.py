@@ -34,8 +34,8 @@ is answered by its top-k; ``aiflow collaborate`` keeps ``collab.threshold``).
 synthesis by the general member, broadcast + revision) with each specialist in its own worker
 process (1 thread each), under ``/tmp/aiflow-timing.lock``; ``fanout_wall_vs_sum`` = the parallel
 fan-out's wall time / the sum of the same agents' times answering the same query alone, one after the
-other (greedy, so the same work; every agent answers once untimed first). One query with ``--quick``,
-one per domain without. The machine's core count bounds it: 4 agents on 2 cores cannot go below ~0.5,
+other (greedy, so the same work; every agent answers once untimed first). One query, three times, with
+``--quick``; one per domain without. The machine's core count bounds it: 4 agents on 2 cores cannot go below ~0.5,
 and a process of someone else's busy on one core lifts that to ~0.6 (5 runnable processes on 2 cores)
 or more; the 1-minute load average before and after the timed section is reported with it.
 Routing accuracy is measured on ``ROUTING_QUERIES_PER_DOMAIN`` held-out queries per domain (at least;
@@ -418,7 +418,7 @@ def evaluate(lps: torch.Tensor, names: list[str], specialists: list[str], items:
 
 
 # ---------------------------------------------------------------------------- the text protocol, timed
-def timed_protocol(run_dir: Path, queries: list[str], max_new_tokens: int, console) -> dict[str, Any]:
+def timed_protocol(run_dir: Path, queries: list[str], max_new_tokens: int, console, repeats: int = 1) -> dict[str, Any]:
     """The full protocol with one worker process per specialist; fan-out wall vs the agents' own times."""
     from aiflow_fl.collab.agents import LocalAgent, ProcessAgent
     from aiflow_fl.collab.protocol import CollabSettings, Collaboration
@@ -441,13 +441,13 @@ def timed_protocol(run_dir: Path, queries: list[str], max_new_tokens: int, conso
         # one short untimed answer per agent first: a worker's first generate pays one-off start-up costs
         # that would inflate the "alone" sum and flatter the ratio
         list(collab.pool.map(lambda a: a.chat([{"role": "user", "content": "Hello"}], 2), agents.values()))
-        with stage(f"waiting for {TIMING_LOCK}, then {len(queries)} timed collaborations", console), open(TIMING_LOCK, "a") as lock:
+        with stage(f"waiting for {TIMING_LOCK}, then {len(queries) * repeats} timed collaborations", console), open(TIMING_LOCK, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             load_before = os.getloadavg()[0]
             try:
                 threads = torch.get_num_threads()
                 torch.set_num_threads(1)
-                for query in queries:
+                for query in [q for q in queries for _ in range(repeats)]:  # alone and parallel interleaved
                     # each selected agent alone first (one after the other): the sum the parallel
                     # fan-out is compared with (inside a parallel step an agent's own time is inflated
                     # by the others sharing the cores, so that sum would flatter the ratio)
@@ -539,7 +539,9 @@ def run(quick: bool = False) -> dict[str, Any]:
     torch.save({"logprobs": lps, "members": names, "items": items, "route_scores": route_scores}, out / "scores.pt")
     report_accuracy(figures, console)
     queries = [next(it["query"] for it in items if it["domain"] == d) for d in (DOMAINS[:1] if quick else DOMAINS)]
-    timing = timed_protocol(run_dir, queries, 12 if quick else 24, console)
+    # quick: one query three times (alone and in parallel interleaved, so a burst of someone else's
+    # load does not fall on one side only); full: each domain's first query once
+    timing = timed_protocol(run_dir, queries, 12 if quick else 24, console, repeats=3 if quick else 1)
     result = {**{k: v for k, v in figures.items()}, "fanout_wall_vs_sum": timing["fanout_wall_vs_sum"],
               "revision_wall_vs_in_step_sum": timing["revision_wall_vs_in_step_sum"], "protocol": {k: v for k, v in timing.items() if k != "example"},
               "items": len(items), "items_per_domain": per_domain,
