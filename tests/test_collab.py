@@ -94,8 +94,8 @@ def test_bench_route_utterances_are_query_shaped_and_the_leakage_count_finds_sha
     assert utterances[:2] == [train[0][:PREFIX_TOKENS], train[3][:PREFIX_TOKENS]]  # evenly spaced
     assert route_utterance_ids(train[:5]) == [w[:PREFIX_TOKENS] for w in train[:5]]
     queries = [[900, 901, *range(10, 18), 902], [900 + i for i in range(12)], [1, 2, 3]]
-    assert shared_ngrams(queries, [list(range(40))], n=8) == 1
-    assert shared_ngrams(queries, [list(range(40))], n=9) == 0
+    assert shared_ngrams(queries, [list(range(40))], n=8) == [True, False, False]
+    assert shared_ngrams(queries, [list(range(40))], n=9) == [False, False, False]
 
 
 class _ConstantEncoder:

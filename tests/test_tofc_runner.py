@@ -167,7 +167,8 @@ def test_projector_training_lowers_the_answer_loss_with_the_member_frozen(system
 
 
 def test_edge_lora_learns_only_adapters_and_survives_the_cache(tiny_overrides, tmp_path, monkeypatch):
-    """With tofc.lora_rank > 0 the member's own weights stay as built, its LoRA learns, and a saved
+    """With tofc.lora_rank > 0 the member's built weights are never written (freezing merges the LoRA
+    into new tensors), its LoRA learns, and a saved
     system loads back to the same answer logits (what `aiflow tofc edge` in another process serves)."""
     from aiflow_fl.config import load_config
     from aiflow_fl.layers import decoder_of
@@ -200,6 +201,11 @@ def test_edge_lora_learns_only_adapters_and_survives_the_cache(tiny_overrides, t
     stats = TokenStats(torch.zeros(112), torch.ones(112))
     _save(TofcSystem(cfg.tofc, stats, edge, info={}), model_dir(cfg))
     loaded = load_system(cfg, lambdas=[])
+    # merging wrote nothing into the weights every fresh copy of the member shares: a new edge starts
+    # from the built weights, the first edge still holds W + ΔW once (not twice)
+    fresh = member_for(cfg).member.model.state_dict()
+    assert all(torch.equal(base[k], fresh[k]) for k in base)
+    assert all(torch.equal(after[k], v) for k, v in edge.member.model.state_dict().items())
     with torch.no_grad():
         torch.testing.assert_close(loaded.edge.answer_logits(tokens[:4], [QUESTION] * 4),
                                    edge.answer_logits(tokens[:4], [QUESTION] * 4), rtol=0, atol=0)

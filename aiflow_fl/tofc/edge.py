@@ -108,7 +108,7 @@ class EdgeModel(nn.Module):
             layer.unmerge()
         set_peft_model_state_dict(self.member.model, state)
         for layer in merged:
-            layer.merge()
+            layer.merge(safe_merge=True)
 
     def _lora_layers(self) -> list:
         from peft.tuners.lora import LoraLayer
@@ -125,12 +125,16 @@ class EdgeModel(nn.Module):
     def freeze(self) -> None:
         """Inference mode: nothing trains, and the LoRA is merged into the member's weights (W + α/r·BA,
         peft's own merge): the unmerged adapters cost 84 extra small products a forward, ~10 % of
-        the edge's time at 8 visual tokens. The adapters stay readable (:meth:`lora_state`)."""
+        the edge's time at 8 visual tokens. The adapters stay readable (:meth:`lora_state`).
+
+        ``safe_merge``: peft then writes W + ΔW into a new tensor. Its in-place merge would write into
+        the member's frozen weights, which every :meth:`~aiflow_fl.family.member.Member.fresh_copy` of
+        the process shares: each later edge would start from (and merge again into) merged weights."""
         for p in self.trainable_parameters():
             p.requires_grad_(False)
         for layer in self._lora_layers() if self.has_lora else []:
             if not layer.merged:
-                layer.merge()
+                layer.merge(safe_merge=True)
         self.eval()
         self.member.model.eval()
 
