@@ -212,7 +212,10 @@ def collaboration_round(run_dir: Path, console: Console) -> dict[str, Any]:
 
 
 # A demo-sized TOFC recipe (~2 min on 2 cores, cached): the bench's default recipe trains longer.
-TOFC_DEMO_OVERRIDES = ["family.dir=", "tofc.projector_steps=120", "tofc.codec_warmup_steps=60", "tofc.codec_steps=10",
+# members as early exits of the backbone, not of the demo's family: an empty family.dir ('' — a bare
+# "family.dir=" would be None, which a str field refuses)
+NO_FAMILY = "family.dir=''"
+TOFC_DEMO_OVERRIDES = [NO_FAMILY, "tofc.projector_steps=120", "tofc.codec_warmup_steps=60", "tofc.codec_steps=10",
                        "tofc.lambdas=[0.003]"]
 TOFC_DEMO_IMAGES = 6
 
@@ -231,7 +234,7 @@ def tofc_question(console: Console, system=None) -> dict[str, Any]:
     try:
         if system is None:
             try:
-                system, recipe = load_system(load_config(["family.dir="])), "default"
+                system, recipe = load_system(load_config([NO_FAMILY])), "default"
                 if not system.codecs:
                     raise AiflowError("no codec")
             except AiflowError:

@@ -397,6 +397,7 @@ def test_hierarchical_run_saves_one_specialist_per_edge(tiny_llama_dir, tmp_path
     ])
     simulate(cfg, show_progress=False)
     general, specialists = read_run_specialists(run_dir)
+    assert general.member == "full"  # the cloud's model synthesizes
     assert [s.name for s in specialists] == ["edge-0", "edge-1"]
     by_name = {s.name: s for s in specialists}
     assert by_name["edge-1"].description == "Given: recipes and baking." and by_name["edge-1"].description_source == "config"

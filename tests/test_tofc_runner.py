@@ -358,6 +358,17 @@ def test_answer_prior_is_the_most_frequent_training_answer_per_question_text():
     assert answer_prior_accuracy(train_q, train_a, test_q, torch.tensor([0, 0, 4, 2])) == 0.0
 
 
+def test_demo_tofc_configs_load_without_the_family():
+    """The demo's TOFC stage loads these two configs (a bare "family.dir=" had made it skip every time)."""
+    from aiflow_fl.config import load_config
+    from aiflow_fl.demo import NO_FAMILY, TOFC_DEMO_OVERRIDES
+    from aiflow_fl.family.member import family_built
+
+    for overrides in ([NO_FAMILY], TOFC_DEMO_OVERRIDES):
+        cfg = load_config(overrides)
+        assert cfg.family.dir == "" and not family_built(cfg)
+
+
 def test_demo_asks_tofc_questions_about_real_test_images(system):
     from rich.console import Console
 

@@ -222,9 +222,10 @@ def save_run_specialists(run_dir: Path, cfg, strategy, cloud_base_at_round_start
     texts, counts = _edge_texts(cfg, partitions_of) if any(not _given(cfg, e) for e in edges) else ({}, {})
     every_text = [t for ts in texts.values() for t in ts]
     written = []
-    general_member = Counter(m for c in members_of.values() for m in c.elements()).most_common(1)
+    # The general (server) member is the cloud's model, the family's full member with the cloud's merged
+    # update: it synthesizes, so it is the strongest member, not the devices' most common (small) one.
     written.append(write_specialist(root / GENERAL, SpecialistInfo(
-        GENERAL, GENERAL, general_member[0][0] if general_member else "full", "The cloud model: general knowledge of every domain.",
+        GENERAL, GENERAL, "full", "The cloud model: general knowledge of every domain.",
         "config", num_examples=sum(a.last.num_examples for a in edges.values())), strategy.merged()))
     for edge_id, agg in edges.items():
         given = _given(cfg, edge_id)
