@@ -99,7 +99,8 @@ def _plain(cfg) -> dict:
 
 # Settings only the codecs read: they key each codec's file, not the folder, so changing them retrains
 # the codecs (~30 s each) and keeps the projector and LoRA (minutes).
-CODEC_FIELDS = ("latent", "hyper", "experts", "temperature", "balance_weight", "codec_warmup_steps", "codec_steps")
+CODEC_FIELDS = ("latent", "hyper", "experts", "temperature", "balance_weight", "codec_warmup_steps", "codec_steps",
+                "codec_mse_weight")
 
 
 def recipe_key(config) -> str:
@@ -202,7 +203,8 @@ def train_projector(edge, data: TrainData, cfg, progress: Progress | None = None
 
 
 def train_codec(lam: float, edge, data: TrainData, cfg, progress: Progress | None = None) -> tuple[TofcCodec, dict]:
-    """Stage 3 for one λ: warm-up on reconstruction, then CE + λ·bits + α·balance (paper §II-B1)."""
+    """Stage 3 for one λ: warm-up on reconstruction, then CE + λ·bits + α·balance (paper §II-B1) +
+    ``codec_mse_weight``·MSE (the reconstruction stays a term: the frozen edge reads features near its own)."""
     torch.manual_seed(cfg.seed)
     codec = TofcCodec(codec_config(cfg)).train()
     opt = torch.optim.AdamW(codec.parameters(), lr=cfg.lr * 3, weight_decay=0.0)
@@ -221,13 +223,15 @@ def train_codec(lam: float, edge, data: TrainData, cfg, progress: Progress | Non
     opt = torch.optim.AdamW(codec.parameters(), lr=cfg.lr, weight_decay=0.0)
     for step, rows in enumerate(_batches(len(data.questions), cfg.batch_size, cfg.codec_steps, cfg.seed + 2)):
         images = data.image_index[rows]
-        out = codec(data.merged[images])
+        x = data.merged[images]
+        out = codec(x)
         ce = edge.loss(out.reconstruction, [data.questions[i] for i in rows.tolist()], data.answers[rows])
-        loss = ce + lam * out.bits.mean() + cfg.balance_weight * out.balance
+        mse = (out.reconstruction - x).square().mean()
+        loss = ce + lam * out.bits.mean() + cfg.balance_weight * out.balance + cfg.codec_mse_weight * mse
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        history["ce"].append(float(ce))
+        history["ce"].append(ce.item())
         history["bits"].append(float(out.bits.mean()))
         if (step + 1) % 50 == 0 or step + 1 == cfg.codec_steps:
             _say(progress, f"codec λ={lam:g} step {step + 1}/{cfg.codec_steps}: CE {np.mean(history['ce'][-50:]):.3f}, "
