@@ -262,6 +262,7 @@ def test_family_members_chain_equals_generate_of_the_full_member(tmp_path, token
     from aiflow_fl.config import FamilyConfig, load_config
     from aiflow_fl.family.family import family_from_backbone
     from aiflow_fl.family.member import load_family_member
+    from aiflow_fl.serving.api.chains import ChainRunner
     from aiflow_fl.serving.commands import build_chain
 
     model = scrambled("llama", std=0.05)  # 512-id vocabulary; the tokenizer is only stored, never used
@@ -275,8 +276,15 @@ def test_family_members_chain_equals_generate_of_the_full_member(tmp_path, token
         chain, _ = build_chain(cfg, ["device", "edge", "cloud"], family=str(folder))
         assert [s.tier.name for s in chain.slots] == ["eesb-0", "eesb-1", "full"]
         # cost-aware (the default): the last tier reads token ids, so it can decode alone
-        assert [s.tier.entry for s in chain.slots] == ([0, 2, 0] if cost_aware else [0, 2, 4] if reuse else [0, 0, 0])
+        expected = [0, 2, 0] if cost_aware else [0, 2, 4] if reuse else [0, 0, 0]
+        assert [s.tier.entry for s in chain.slots] == expected
         assert chain.generate(ids, 16).tokens == reference(full, ids, 16)
+        # the API's chain model (aiflow serve) builds its chains the same way (it had let the cloud resume
+        # from the edge's hidden states, so a cost-aware chain could never decode alone: 0.76x the cloud)
+        members = [load_family_member(folder, n) for n in ("eesb-0", "eesb-1", "full")]
+        served = ChainRunner("eesb-0>eesb-1>full", members, cfg.serving, [], pool=None, metrics=None).chain(0.0, 0)
+        assert [s.tier.entry for s in served.slots] == expected and served.cost_aware == cost_aware
+        assert served.generate(ids, 16).tokens == reference(full, ids, 16)
 
 
 # ---------------------------------------------------------------------------------------------- cost-aware drafting

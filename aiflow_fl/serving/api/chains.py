@@ -71,9 +71,11 @@ class ChainRunner:
         device = self.members[0]
         tiers: list = [LocalTier(device, 0, self.vocab, draft=True)]
         low = device
-        for m in self.members[1:]:
+        for i, m in enumerate(self.members[1:], 1):
             plain = m.as_member() if isinstance(m, RemoteMember) else m
             entry = resume_layer(low, plain) if s.reuse else 0
+            if s.cost_aware and i == len(self.members) - 1:
+                entry = 0  # as local_chain: the last tier reads token ids, so it can decode alone when drafting does not pay
             if isinstance(m, RemoteMember):
                 tiers.append(RemoteTier(m.url, entry=entry, timeout_s=s.timeout_s, member=m.name, api_key=m.api_key,
                                         ca_file=m.ca_file, info=m.info))
