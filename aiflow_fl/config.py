@@ -299,7 +299,7 @@ class TofcConfig:
     codec_mse_weight: float = 1.0
     batch_size: int = 16
     lr: float = 3e-3
-    eval_questions: int = 200  # test questions scored per method (one per image, seeded)
+    eval_questions: int = 1000  # test questions scored per method, one per test image (all 1,000; seeded)
     seed: int = 0
 
 
