@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from aiflow_fl.errors import AiflowError
@@ -34,6 +35,16 @@ def resume_layer(low: LayerSpan, high: LayerSpan) -> int:
     return low.exit_layer if shares and high.exit_layer >= low.exit_layer else 0
 
 
+def verifier_entries(spans: Sequence[LayerSpan], reuse: bool, cost_aware: bool) -> list[int]:
+    """The layer each verifier (``spans[1:]``, above the device ``spans[0]``) starts at: resuming from
+    the tier below when ``reuse`` (:func:`resume_layer`), else 0. A cost-aware chain's last tier always
+    reads token ids, so it can decode alone when drafting does not pay."""
+    entries = [resume_layer(low, high) if reuse else 0 for low, high in zip(spans, spans[1:])]
+    if cost_aware and entries:
+        entries[-1] = 0
+    return entries
+
+
 def local_chain(
     members: list[Member],
     reuse: bool = True,
@@ -54,9 +65,7 @@ def local_chain(
     eos = eos_token_ids if eos_token_ids is not None else eos_ids(members[-1].model)
     vocab = draft_vocabulary(members[0].model.config.vocab_size, draft_vocab, eos)
     tiers = [LocalTier(members[0], 0, vocab, draft=True)]
-    entries = [resume_layer(low, m) if reuse else 0 for low, m in zip(members, members[1:])]
-    if chain_options.get("cost_aware") and entries:
-        entries[-1] = 0  # cost-aware: the last tier can then decode alone when drafting does not pay
+    entries = verifier_entries(members, reuse, bool(chain_options.get("cost_aware")))
     tiers += [LocalTier(m, entry) for m, entry in zip(members[1:], entries)]
     return Chain(tiers, links=links, eos_token_ids=eos, **chain_options)
 

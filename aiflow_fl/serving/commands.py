@@ -12,7 +12,7 @@ import torch
 from aiflow_fl.config import AiflowConfig, LinkConfig
 from aiflow_fl.errors import AiflowError
 from aiflow_fl.layers import use_row_adaptive_head
-from aiflow_fl.serving.build import eos_ids, local_chain, resume_layer
+from aiflow_fl.serving.build import eos_ids, local_chain, verifier_entries
 from aiflow_fl.serving.chain import Chain
 from aiflow_fl.serving.link import Link
 from aiflow_fl.family.member import Member, early_exit_member, early_exit_members, load_family_member
@@ -122,27 +122,28 @@ def build_chain(cfg: AiflowConfig, tiers: list[str], family: str | None = None, 
     from aiflow_fl.serving.server import RemoteTier
 
     vocab = draft_vocabulary(members[0].model.config.vocab_size, s.draft_vocab, eos)
-    built: list = [LocalTier(members[0], 0, vocab, draft=True)]
-    kept, low, unverified = ["device"], members[0], []
+    kept, above, unverified = ["device"], [], []  # above: the verifiers kept, a RemoteTier or a local Member
     for name, member in zip(tiers[1:], members[1:]):
-        if name in remote:
+        if name not in remote:
+            above.append(member)
+        else:
             try:
-                tier = RemoteTier(remote[name], timeout_s=s.timeout_s, name=name)
+                above.append(RemoteTier(remote[name], timeout_s=s.timeout_s, name=name))  # reports exit_layer / shared_layers
             except AiflowError as exc:  # an unreachable tier: fail, or (device policy) go on without it, unverified
                 if s.on_verifier_loss == "fail":
                     raise AiflowError(f"The {name} tier is unreachable ({exc}); serving.on_verifier_loss=fail.") from None
                 warnings.warn(f"skipping the {name} tier: {exc}", stacklevel=2)
                 unverified.append(name)
                 continue
-            tier.entry = resume_layer(low, tier) if s.reuse else 0
-        else:
-            tier = LocalTier(member, resume_layer(low, member) if s.reuse else 0)
-        built.append(tier)
         kept.append(name)
-        low = tier if name in remote else member  # a RemoteTier reports exit_layer / shared_layers too
+    built: list = [LocalTier(members[0], 0, vocab, draft=True)]
+    for tier, entry in zip(above, verifier_entries([members[0], *above], s.reuse, options["cost_aware"])):
+        if isinstance(tier, RemoteTier):
+            tier.entry = entry
+            built.append(tier)
+        else:
+            built.append(LocalTier(tier, entry))
     options["blocks"] = [1] + ([s.cloud_block] if len(kept) == 3 else [])
-    if options["cost_aware"] and len(built) > 1:
-        built[-1].entry = 0  # as local_chain: the last tier reads token ids so it can decode alone
     chain = Chain(built, links=chain_links(kept, cfg), eos_token_ids=eos, **options)
     if unverified:
         chain.verified = False

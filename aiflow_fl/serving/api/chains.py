@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from aiflow_fl.config import ServingConfig
-from aiflow_fl.serving.build import resume_layer
+from aiflow_fl.serving.build import verifier_entries
 from aiflow_fl.serving.chain import Cancelled, Chain, VerifierLost
 from aiflow_fl.serving.link import Link
 from aiflow_fl.family.member import Member
@@ -70,18 +70,13 @@ class ChainRunner:
         s = self.serving
         device = self.members[0]
         tiers: list = [LocalTier(device, 0, self.vocab, draft=True)]
-        low = device
-        for i, m in enumerate(self.members[1:], 1):
-            plain = m.as_member() if isinstance(m, RemoteMember) else m
-            entry = resume_layer(low, plain) if s.reuse else 0
-            if s.cost_aware and i == len(self.members) - 1:
-                entry = 0  # as local_chain: the last tier reads token ids, so it can decode alone when drafting does not pay
+        spans = [device] + [m.as_member() if isinstance(m, RemoteMember) else m for m in self.members[1:]]
+        for m, entry in zip(self.members[1:], verifier_entries(spans, s.reuse, s.cost_aware)):
             if isinstance(m, RemoteMember):
                 tiers.append(RemoteTier(m.url, entry=entry, timeout_s=s.timeout_s, member=m.name, api_key=m.api_key,
                                         ca_file=m.ca_file, info=m.info))
             else:
                 tiers.append(LocalTier(m, entry))
-            low = plain
         # simulated links (serving.edge_link for the first hop, cloud_link for the second) on top of the real one
         configs = [s.edge_link, s.cloud_link]
         links = [Link(f"{a.name}->{b.name}", c.latency_ms, c.bandwidth_mbps, c.jitter_ms, s.seed + i)
