@@ -4,7 +4,7 @@ A fifth of the training documents (by sha1 of "dev/<domain>/<doc>") give dev que
 prefixes, at most 3 per document, 40 per domain); route utterances come from the other training
 documents as the bench builds them (512 query-shaped prefixes; a variant with every 48-token window).
 Prints top-1 accuracy of MiniLM top-m mean, of hybrid MiniLM + TF-IDF per lexical weight, and of kNN
-voting. Run: PYTHONPATH=. python benchmarks/collab_router_dev.py (about a minute)."""
+voting. Run: PYTHONPATH=. python benchmarks/_collab_router_dev.py (about a minute)."""
 import hashlib
 import time
 
@@ -13,7 +13,6 @@ import torch
 from aiflow_benchmarks.collaboration import DOMAINS, PREFIX_TOKENS, RECIPE, SOURCES, is_heldout
 from aiflow_fl.collab.router import Route, route_texts, route_scores_many, TfidfIndex, hybrid_scores
 from aiflow_fl.collab.embed import shared_encoder
-from aiflow_fl.collab.specialists import derive_description
 from aiflow_fl.models import load_tokenizer
 from aiflow_fl.config import load_config
 torch.set_num_threads(1)

@@ -75,7 +75,7 @@ HELDOUT_MOD = 4
 # PREFIX_TOKENS tokens of evenly spaced training windows, shaped like the queries (held-out
 # 32-token passage prefixes). Scores are hybrid, (1 - LEXICAL_WEIGHT) * MiniLM top-5 mean cosine +
 # LEXICAL_WEIGHT * TF-IDF centroid cosine (aiflow_fl.collab.router). Chosen on a dev set of the
-# *training* split only (benchmarks/collab_router_dev.py: a fifth of the training documents, by hash,
+# *training* split only (benchmarks/_collab_router_dev.py: a fifth of the training documents, by hash,
 # give 160 dev queries; utterances from the other training documents): top-1 0.856 MiniLM alone
 # (top-m 5), 0.906 TF-IDF alone, hybrid 0.881 / 0.894 / 0.906 / 0.919 / 0.938 with weight
 # 0.2 / 0.3 / 0.4 / 0.5 / 0.7 (top-m 10: 0.919 ... 0.938); 0.7 taken, top-m stays 5. A first dev set,
@@ -231,7 +231,7 @@ def bench_router(infos, run_dir: Path, temperature: float, top_m: int):
     in the run folder, keyed by the texts (encoding ~2000 utterances costs ~1 min on a busy CPU)."""
     from aiflow_fl.collab.embed import shared_encoder
     from aiflow_fl.collab.router import Route, Router, route_texts
-    from aiflow_fl.files import atomic_write_bytes
+    from aiflow_fl.files import atomic_torch_save
 
     routes = [Route(i.name, i.description, list(i.utterances)) for i in infos]
     encoder = shared_encoder()
@@ -242,11 +242,7 @@ def bench_router(infos, run_dir: Path, temperature: float, top_m: int):
         embeddings = torch.load(cache)
     else:
         embeddings = encoder.encode(texts)
-        import io
-
-        buffer = io.BytesIO()
-        torch.save(embeddings, buffer)
-        atomic_write_bytes(cache, buffer.getvalue())
+        atomic_torch_save(embeddings, cache)
     return Router(routes, encoder, top_k=len(routes), threshold=0.0, temperature=temperature, top_m=top_m,
                   lexical_weight=LEXICAL_WEIGHT, utterance_embeddings=embeddings)
 

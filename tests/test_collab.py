@@ -60,6 +60,9 @@ def test_batched_route_scores_equal_one_query_at_a_time():
         batch = route_scores_many(queries, utts, owners, 4, top_m=m)
         for q in range(5):
             assert torch.allclose(batch[q], route_scores(queries[q], utts, owners, 4, top_m=m))
+            for r in range(3):  # the definition, one query and one route at a time
+                sims = sorted((float(queries[q] @ utts[u]) for u in range(9) if owners[u] == r), reverse=True)[:m]
+                assert float(batch[q, r]) == pytest.approx(sum(sims) / len(sims), abs=1e-6)
     assert torch.isinf(route_scores_many(queries, utts, owners, 4)[:, 3]).all()  # a route without utterances
 
 

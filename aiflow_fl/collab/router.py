@@ -76,19 +76,12 @@ def route_scores(query: torch.Tensor, utterances: torch.Tensor, owners: list[int
 
     ``query`` (d,) and ``utterances`` (U, d) are unit-norm; ``owners[u]`` is the route of utterance u.
     A route with no utterance scores -inf."""
-    sims = utterances @ query
-    owner = torch.as_tensor(owners, dtype=torch.long)
-    scores = torch.full((num_routes,), float("-inf"))
-    for r in range(num_routes):
-        mine = sims[owner == r]
-        if mine.numel():
-            scores[r] = mine.topk(min(top_m, mine.numel())).values.mean()
-    return scores
+    return route_scores_many(query[None], utterances, owners, num_routes, top_m)[0]
 
 
 def route_scores_many(queries: torch.Tensor, utterances: torch.Tensor, owners: list[int], num_routes: int,
                       top_m: int = 5) -> torch.Tensor:
-    """:func:`route_scores` for a batch: ``queries`` (Q, d) -> (Q, num_routes)."""
+    """:func:`route_scores` for a batch of queries (Q, d) -> (Q, num_routes)."""
     sims = queries @ utterances.T  # (Q, U)
     owner = torch.as_tensor(owners, dtype=torch.long)
     scores = torch.full((queries.shape[0], num_routes), float("-inf"))
