@@ -232,7 +232,7 @@ def train_codec(lam: float, edge, data: TrainData, cfg, progress: Progress | Non
         loss.backward()
         opt.step()
         history["ce"].append(ce.item())
-        history["bits"].append(float(out.bits.mean()))
+        history["bits"].append(out.bits.mean().item())
         if (step + 1) % 50 == 0 or step + 1 == cfg.codec_steps:
             _say(progress, f"codec λ={lam:g} step {step + 1}/{cfg.codec_steps}: CE {np.mean(history['ce'][-50:]):.3f}, "
                  f"{np.mean(history['bits'][-50:]):.0f} bits/image")
@@ -287,27 +287,29 @@ def train_system(config, progress: Progress | None = None, retrain: bool = False
     """Train what the cache lacks (projector, then each λ's codec) and return the whole system."""
     cfg = config.tofc
     folder = model_dir(config)
+    system = None
     if not retrain:
         try:
-            system = load_system(config)
+            system = load_system(config)  # the cached edge and whichever codecs of cfg.lambdas exist
             if all(float(l) in system.codecs for l in cfg.lambdas):
                 _say(progress, f"TOFC system loaded from {folder}")
                 return system
         except AiflowError:
-            system = None
+            if (folder / "projector.safetensors").is_file():
+                raise  # a cached edge that does not load (e.g. another LoRA shape): say why, never retrain over it
     data, stats = train_data(cfg, progress)
     start = time.perf_counter()
-    if not retrain and (folder / "projector.safetensors").is_file():
-        system = load_system(config, lambdas=[])
+    if system is not None:
         system.stats = stats
+        previous = dict(system.codecs)
     else:
         edge = member_for(config)
         system = TofcSystem(cfg, stats, edge, info={"recipe": recipe_key(config), "member": edge.member.name, "train_s": {}})
         system.info["projector_ce"] = train_projector(edge, data, cfg, progress)[-50:]
         system.info.setdefault("train_s", {})["projector"] = round(time.perf_counter() - start, 1)
         _save(system, folder)
+        previous = load_system(config).codecs if not retrain else {}
     system.info.setdefault("train_s", {})
-    previous = load_system(config).codecs if not retrain else {}
     for lam in cfg.lambdas:
         lam = float(lam)
         if lam in previous:
