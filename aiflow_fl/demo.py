@@ -202,8 +202,8 @@ def collaboration_round(run_dir: Path, console: Console) -> dict[str, Any]:
     scores = ", ".join(f"{n} {v:.2f}" for n, v in result["routing"]["scores"].items())
     console.print(f"[bold]Q:[/bold] {COLLAB_QUESTION}\nrouting (cosine, threshold {result['routing']['threshold']}): {scores}; "
                   f"selected: {', '.join(result['routing']['selected']) or 'none'}")
-    for name, text in result["answers"].items():
-        console.print(f"[bold]{name}[/bold]: {text.strip()[:200]}")
+    for name, text in result["answers"].items():  # one paragraph each (a weak member's blank lines would run on)
+        console.print(f"[bold]{name}[/bold]: {' '.join(text.split())[:200] or '(no text)'}")
     console.print(f"[bold]A[/bold] ({result['note']}): {result['answer'].strip()[:400]}")
     # answered: a specialist replied with some text and the synthesis is not empty (an empty reply is no answer)
     return {"collab_answered": any(t.strip() for t in result["answers"].values()) and bool(result["answer"].strip()),
