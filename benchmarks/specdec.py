@@ -51,7 +51,7 @@ from rich.table import Table
 from aiflow_fl.bench import results_dir
 from aiflow_fl.config import load_config
 from aiflow_fl.generation import chat_input_ids
-from aiflow_fl.layers import use_row_adaptive_head
+from aiflow_fl.layers import use_inference_kernels
 from aiflow_fl.models import load_backbone
 from aiflow_fl.serving.build import eos_ids, local_chain
 from aiflow_fl.serving.link import Link
@@ -297,9 +297,9 @@ def run(quick: bool = False) -> dict[str, Any]:
     torch.manual_seed(0)
     loaded = load_backbone(cfg.model.name)
     backbone, tok = loaded.model, loaded.tokenizer
-    # every row, the transformers baselines included, decodes through the same row-adaptive LM head
-    # (layers.RowAdaptiveHead: cheaper 1-5 row products, same weights): a kernel gain is not a speculative one
-    use_row_adaptive_head(backbone)
+    # every row, the transformers baselines included, decodes through the same kernels (layers.use_inference_kernels:
+    # row-adaptive LM head, packed MLP linears; same weights): a kernel gain is not a speculative one
+    use_inference_kernels(backbone)
     exits = list(cfg.serving.exits) or EXITS
     members, family_note, agreement = build_members(backbone, tok, exits, quick)
     device, edge, full = members
@@ -583,7 +583,7 @@ def _summarize(rows: list[Row], prompts: list[str], max_new: int, family_note: s
         "prompt_categories": sorted(PROMPT_CATEGORIES) if len(prompts) == len(PROMPTS) else "quick subset",
         "max_new_tokens": max_new,
         "placement": "one process, 1 torch thread shared by all tiers (baselines: same thread); rows interleaved per prompt",
-        "lm_head": "row-adaptive kernel (layers.RowAdaptiveHead) in every row, baselines included",
+        "lm_head": "row-adaptive kernels (layers.use_inference_kernels) in every row, baselines included",
         "links": {"edge": {"device->edge": EDGE_LINK, "edge->cloud": CLOUD_LINK}, "zero": "no delay"},
         "rows": results,
         "bound": bound(costs, target_tps, next((r for r in results if r["name"] == "2-tier cost-aware"), {}).get("acceptance_rate", 0.0),

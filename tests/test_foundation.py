@@ -63,15 +63,15 @@ def test_row_adaptive_head_equals_nn_linear_and_transformers_generate(tiny):
     """The LM head's 1-row and few-row kernels give nn.Linear's logits (float summation order aside),
     keep tied weights tied, follow in-place weight changes, leave training on nn.Linear's path, and
     generate() answers exactly as before."""
-    from aiflow_fl.layers import RowAdaptiveHead, use_row_adaptive_head
+    from aiflow_fl.layers import RowAdaptiveHead, use_inference_kernels
 
     ids = torch.randint(3, 500, (1, 7), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         before = tiny.generate(ids, max_new_tokens=12, do_sample=False)
     plain = torch.nn.Linear(tiny.config.hidden_size, tiny.config.vocab_size, bias=False)
     plain.weight = tiny.lm_head.weight
-    use_row_adaptive_head(tiny)
-    use_row_adaptive_head(tiny)  # idempotent
+    use_inference_kernels(tiny)
+    use_inference_kernels(tiny)  # idempotent
     head = tiny.lm_head
     assert isinstance(head, RowAdaptiveHead) and not isinstance(head.weight, RowAdaptiveHead)
     assert head.weight is tiny.get_input_embeddings().weight or not tiny.config.tie_word_embeddings
@@ -88,6 +88,45 @@ def test_row_adaptive_head_equals_nn_linear_and_transformers_generate(tiny):
     x = torch.randn(1, 1, head.in_features, requires_grad=True)
     head(x).sum().backward()  # training: nn.Linear's path, gradients reach the shared weight
     assert head.weight.grad is not None and x.grad is not None
+
+
+@pytest.mark.skipif(not __import__("aiflow_fl.layers", fromlist=["x"]).onednn_linear_available(),
+                    reason="this torch has no oneDNN linear")
+def test_packed_linear_equals_nn_linear_follows_weight_changes_and_unpacks(tiny):
+    """Packed large linears give nn.Linear's outputs at every row count (few rows on nn.Linear's own
+    path), refresh after an in-place change or a new tensor, leave gradients to nn.Linear, and
+    unpacking restores plain linears on the same weights; the model's forward stays its own."""
+    from aiflow_fl.layers import PackedLinear, pack_linears, unpack_linears
+
+    ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = tiny(ids).logits
+    weights = {n: m.weight for n, m in tiny.named_modules() if type(m) is torch.nn.Linear and n != "lm_head"}
+    packed = pack_linears(tiny, min_weight=1)
+    assert packed == len(weights) and pack_linears(tiny, min_weight=1) == 0  # idempotent
+    assert all(isinstance(m, PackedLinear) and m.weight is weights[n]
+               for n, m in tiny.named_modules() if n in weights)
+    with torch.no_grad():
+        torch.testing.assert_close(tiny(ids).logits, reference, atol=1e-4, rtol=1e-4)
+    layer = next(m for m in tiny.modules() if isinstance(m, PackedLinear))
+    plain = torch.nn.Linear(layer.in_features, layer.out_features, bias=True)
+    layer.bias = plain.bias
+    plain.weight = layer.weight
+    with torch.no_grad():
+        for rows in (1, 4, 5, 9, 40):
+            x = torch.randn(rows, layer.in_features)
+            torch.testing.assert_close(layer(x), plain(x), atol=1e-5, rtol=1e-5)
+        x = torch.randn(2, 6, layer.in_features)
+        layer.weight.mul_(3.0)  # in place: the version counter moves, the packed copy follows
+        torch.testing.assert_close(layer(x), plain(x), atol=1e-5, rtol=1e-5)
+        layer.weight.data = layer.weight.data * 0.5  # a new tensor (peft's safe merge)
+        torch.testing.assert_close(layer(x), plain(x), atol=1e-5, rtol=1e-5)
+    x = torch.randn(6, layer.in_features, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+    assert unpack_linears(tiny) == packed
+    assert not any(isinstance(m, PackedLinear) for m in tiny.modules())
+    assert all(m.weight is weights[n] for n, m in tiny.named_modules() if n in weights)
 
 
 def test_cli_bad_key_is_one_paragraph_not_a_traceback():

@@ -11,7 +11,7 @@ import torch
 
 from aiflow_fl.config import AiflowConfig, LinkConfig
 from aiflow_fl.errors import AiflowError
-from aiflow_fl.layers import use_row_adaptive_head
+from aiflow_fl.layers import use_inference_kernels
 from aiflow_fl.serving.build import eos_ids, local_chain, verifier_entries
 from aiflow_fl.serving.chain import Chain
 from aiflow_fl.serving.link import Link
@@ -97,8 +97,8 @@ def build_chain(cfg: AiflowConfig, tiers: list[str], family: str | None = None, 
     if "device" in remote:
         raise AiflowError("The device tier runs here; only edge and cloud can be remote.")
     members, tokenizer = resolve_members(cfg, tiers, family)
-    for member in members:  # cheaper 1-5 row LM-head products for decoding and verification (same weights)
-        use_row_adaptive_head(member.model)
+    for member in members:  # faster few-row products for decoding and verification (same weights)
+        use_inference_kernels(member.model)
     eos = eos_ids(members[-1].model, tokenizer)
     links = chain_links(tiers, cfg)
     blocks = [1] + ([s.cloud_block] if len(tiers) == 3 else [])

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from aiflow_fl.errors import AiflowError
-from aiflow_fl.layers import decoder_of
+from aiflow_fl.layers import decoder_of, pack_linears, unpack_linears
 
 PROMPT = "\nQuestion: {question}\nAnswer:"
 
@@ -104,11 +104,14 @@ class EdgeModel(nn.Module):
         if set(mine) != set(state) or any(mine[k].shape != state[k].shape for k in state):
             raise AiflowError("The saved edge LoRA does not fit this member (other rank, targets or member); retrain it.")
         merged = [layer for layer in self._lora_layers() if layer.merged]
+        packed = unpack_linears(self.member.model)  # unmerge writes through .data, unseen by the packed copies
         for layer in merged:  # a merged delta must leave the weights before new adapters replace it
             layer.unmerge()
         set_peft_model_state_dict(self.member.model, state)
         for layer in merged:
             layer.merge(safe_merge=True)
+        if packed:
+            pack_linears(self.member.model)
 
     def _lora_layers(self) -> list:
         from peft.tuners.lora import LoraLayer
@@ -125,7 +128,9 @@ class EdgeModel(nn.Module):
     def freeze(self) -> None:
         """Inference mode: nothing trains, and the LoRA is merged into the member's weights (W + α/r·BA,
         peft's own merge): the unmerged adapters cost 84 extra small products a forward, ~10 % of
-        the edge's time at 8 visual tokens. The adapters stay readable (:meth:`lora_state`).
+        the edge's time at 8 visual tokens. The adapters stay readable (:meth:`lora_state`). Then the
+        member's large linears keep a oneDNN-packed copy of their weights (:func:`~aiflow_fl.layers.pack_linears`:
+        the ~20-row prefill of 8 visual tokens + the question, one thread, 41.5 → 35 ms a question).
 
         ``safe_merge``: peft then writes W + ΔW into a new tensor. Its in-place merge would write into
         the member's frozen weights, which every :meth:`~aiflow_fl.family.member.Member.fresh_copy` of
@@ -135,6 +140,7 @@ class EdgeModel(nn.Module):
         for layer in self._lora_layers() if self.has_lora else []:
             if not layer.merged:
                 layer.merge(safe_merge=True)
+        pack_linears(self.member.model)
         self.eval()
         self.member.model.eval()
 

@@ -88,6 +88,7 @@ class ServerState:
             print(f"aiflow serve: loading failed: {self.failure}", flush=True)
 
     def load(self) -> None:
+        from aiflow_fl.layers import use_inference_kernels
         from aiflow_fl.serving.build import eos_ids
         from aiflow_fl.serving.server import TierSessions
 
@@ -117,6 +118,7 @@ class ServerState:
             loaded = [early_exit_member(backbone.model, "full" if k == layers else f"exit-{k}", backbone.tokenizer)]
             self.tokenizer = backbone.tokenizer
         for member in loaded:
+            use_inference_kernels(member.model)  # same weights, faster few-row and batched products
             self.members[member.name] = member
             context = self.api.max_model_len or int(getattr(member.model.config, "max_position_embeddings", 2048))
 
