@@ -96,7 +96,9 @@ class PackedLinear(nn.Linear):
       22.0 vs 14.7 (two threads: 2 rows 3.8 vs 2.9, 8 rows 8.9 vs 3.9): :class:`RowAdaptiveHead`.
 
     Inference only: a product that wants a gradient takes nn.Linear's path. The packed and transposed
-    copies are caches keyed on the weight's storage and version, refreshed when either changes.
+    copies are caches keyed on the weight's storage and version, refreshed when either changes: an
+    in-place op or a new tensor (peft's ``merge(safe_merge=True)``) is seen; a write through ``.data``
+    in place (peft's unsafe merge) bypasses the version counter and is not.
     """
 
     def __init__(self, linear: nn.Linear, min_rows: int = 5, transposed_row: bool = False) -> None:
@@ -156,22 +158,6 @@ def pack_linears(module: nn.Module, min_weight: int = PACK_MIN_WEIGHT) -> int:
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and name != "lm_head" and child.weight.numel() >= min_weight:
                 setattr(parent, name, PackedLinear(child))
-                count += 1
-    return count
-
-
-def unpack_linears(module: nn.Module) -> int:
-    """Undo :func:`pack_linears` (plain ``nn.Linear`` on the same weights); returns how many. Call it
-    before changing weights in place through ``.data`` (peft's unsafe merge and its unmerge do): such a
-    change bypasses the version counter the packed copy is keyed on."""
-    count = 0
-    for parent in module.modules():
-        for name, child in list(parent.named_children()):
-            if type(child) is PackedLinear:  # not the LM head's RowAdaptiveHead
-                plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                  device="meta")
-                plain.weight, plain.bias = child.weight, child.bias
-                setattr(parent, name, plain)
                 count += 1
     return count
 

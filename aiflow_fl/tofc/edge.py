@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from aiflow_fl.errors import AiflowError
-from aiflow_fl.layers import decoder_of, pack_linears, unpack_linears
+from aiflow_fl.layers import decoder_of, pack_linears
 
 PROMPT = "\nQuestion: {question}\nAnswer:"
 
@@ -104,14 +104,11 @@ class EdgeModel(nn.Module):
         if set(mine) != set(state) or any(mine[k].shape != state[k].shape for k in state):
             raise AiflowError("The saved edge LoRA does not fit this member (other rank, targets or member); retrain it.")
         merged = [layer for layer in self._lora_layers() if layer.merged]
-        packed = unpack_linears(self.member.model)  # unmerge writes through .data, unseen by the packed copies
         for layer in merged:  # a merged delta must leave the weights before new adapters replace it
             layer.unmerge()
         set_peft_model_state_dict(self.member.model, state)
         for layer in merged:
             layer.merge(safe_merge=True)
-        if packed:
-            pack_linears(self.member.model)
 
     def _lora_layers(self) -> list:
         from peft.tuners.lora import LoraLayer
