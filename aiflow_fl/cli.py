@@ -81,9 +81,11 @@ def chat(
     from transformers import TextStreamer
 
     from aiflow_fl.generation import chat_input_ids
+    from aiflow_fl.layers import use_inference_kernels
     from aiflow_fl.models import load_backbone
 
     loaded = load_backbone(model)
+    use_inference_kernels(loaded.model)  # the served members' kernels: `chat` and `generate` compare alike
     ids = chat_input_ids(loaded.tokenizer, prompt)
     streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
     with torch.inference_mode():
