@@ -110,6 +110,13 @@ class PackedLinear(nn.Linear):
         self.transposed_row = transposed_row  # one row: x @ Wᵀ (contiguous copy)
         self._copies: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
 
+    def __getstate__(self) -> dict:
+        # copies and pickles leave the caches behind (oneDNN's packed tensor has no storage to copy;
+        # Member.fresh_copy deep-copies modules); they are rebuilt on the next product
+        state = dict(self.__dict__)
+        state["_copies"] = {}
+        return state
+
     def _copy(self, kind: str) -> torch.Tensor:
         key = (self.weight.data_ptr(), self.weight._version)
         held = self._copies.get(kind)

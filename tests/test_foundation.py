@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -120,6 +121,8 @@ def test_packed_linear_equals_nn_linear_and_follows_weight_changes(tiny):
         torch.testing.assert_close(layer(x), plain(x), atol=1e-5, rtol=1e-5)
         layer.weight.data = layer.weight.data * 0.5  # a new tensor (peft's safe merge)
         torch.testing.assert_close(layer(x), plain(x), atol=1e-5, rtol=1e-5)
+        copied = copy.deepcopy(tiny)  # Member.fresh_copy deep-copies: the packed caches stay behind
+        torch.testing.assert_close(copied(ids).logits, tiny(ids).logits, atol=1e-5, rtol=1e-5)
     x = torch.randn(6, layer.in_features, requires_grad=True)
     layer(x).sum().backward()
     assert x.grad is not None and layer.weight.grad is not None
