@@ -126,8 +126,8 @@ class EdgeModel(nn.Module):
         """Inference mode: nothing trains, and the LoRA is merged into the member's weights (W + α/r·BA,
         peft's own merge): the unmerged adapters cost 84 extra small products a forward, ~10 % of
         the edge's time at 8 visual tokens. The adapters stay readable (:meth:`lora_state`). Then the
-        member's large linears keep a oneDNN-packed copy of their weights (:func:`~aiflow_fl.layers.pack_linears`:
-        the ~20-row prefill of 8 visual tokens + the question, one thread, 41.5 → 35 ms a question).
+        member's large (MLP) linears keep a oneDNN-packed copy of their weights (:func:`~aiflow_fl.layers.pack_linears`:
+        the ~20-row prefill of 8 visual tokens + the question; `aiflow bench tofc`, one thread, edge 46.0 → 43.2 ms).
 
         ``safe_merge``: peft then writes W + ΔW into a new tensor. Its in-place merge would write into
         the member's frozen weights, which every :meth:`~aiflow_fl.family.member.Member.fresh_copy` of
