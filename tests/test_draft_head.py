@@ -107,3 +107,24 @@ def test_auto_picks_the_head_trained_on_most_tokens_for_these_weights(tmp_path, 
     os.utime(folder / "head-full.safetensors", (1, 1))  # the full one is the oldest
     assert find_draft_head(model) == folder / "head-full.safetensors"
     assert resolve_draft_head("auto", model).vocab.numel() == 100
+
+
+def test_draft_head_for_trains_on_both_instruction_sets_and_caches(tmp_path, monkeypatch, tokenizer):
+    """The head's data: the everyday instructions' answers and the task instructions' (cached apart:
+    the everyday answers' cache is reused as it is), the head cached by weights, recipe and counts."""
+    from aiflow_fl.family.feature_draft import draft_head_for
+    from aiflow_fl.family.instructions import instructions, self_answers, task_instructions
+
+    monkeypatch.setenv("AIFLOW_CACHE", str(tmp_path))
+    model = tiny_model("llama", num_layers=3, hidden_size=32).eval()
+    recipe = DraftHeadRecipe(draft_vocab=64, epochs=1, batch_size=2)
+    head, info = draft_head_for(model, tokenizer, recipe, 3, 4, show_progress=False, tasks_count=2)
+    everyday = self_answers(model, tokenizer, instructions(3), 4, show_progress=False)
+    tasks = self_answers(model, tokenizer, task_instructions(2), 4, show_progress=False)
+    assert len(list((tmp_path / "selfdistill").glob("*.pt"))) == 2  # both read back from cache above
+    assert info["sequences"] == 5
+    assert info["answer_tokens"] == sum(len(s) - p for a in (everyday, tasks) for s, p in zip(a.sequences, a.prompt_lens))
+    again, info_again = draft_head_for(model, tokenizer, recipe, 3, 4, show_progress=False, tasks_count=2)
+    assert info_again == info and torch.equal(again.vocab, head.vocab)
+    _, alone = draft_head_for(model, tokenizer, recipe, 3, 4, show_progress=False)  # no task set: another head
+    assert alone["sequences"] == 3

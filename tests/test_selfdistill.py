@@ -9,7 +9,7 @@ import torch
 from aiflow_fl.config import BranchTrainingConfig, FamilyConfig, load_config
 from aiflow_fl.errors import AiflowError
 from aiflow_fl.family import family_from_backbone
-from aiflow_fl.family.instructions import instructions, padded, self_answers, self_batches
+from aiflow_fl.family.instructions import instructions, padded, self_answers, self_batches, task_instructions
 from aiflow_fl.family.train import branch_batches, kl_to_teacher, family_drafts, greedy_agreement, loss_positions, train_branches
 from aiflow_fl.generation import chat_input_ids
 from aiflow_fl.models import tiny_model
@@ -34,6 +34,12 @@ def test_instructions_are_varied_deterministic_and_hold_out_the_benchmark():
     assert not any(word in item.lower() for item in items for word in ("sleep", "bicycle", "climate change", "tea "))
     with pytest.raises(AiflowError):
         instructions(-1)
+    tasks = task_instructions()  # the draft head's other categories: held out the same way, none an everyday one
+    assert len(tasks) > 200 and len(set(tasks)) == len(tasks) and task_instructions(5) == tasks[:5]
+    assert not set(specdec.PROMPTS) & set(tasks) and not set(items) & set(tasks)
+    assert not any(word in item.lower() for item in tasks for word in ("sleep", "bicycle", "climate change", "tea ", "palindrome"))
+    with pytest.raises(AiflowError):
+        task_instructions(-1)
 
 
 def test_self_answers_equal_generate_and_are_cached(model, tokenizer, tmp_path, monkeypatch):

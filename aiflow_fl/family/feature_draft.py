@@ -191,16 +191,19 @@ def head_agreement(head, data: TeacherData, steps: int = 3) -> dict[str, float]:
 
 
 def draft_head_for(backbone, tokenizer, recipe: DraftHeadRecipe, instructions_count: int = 0, max_new_tokens: int = 64,
-                   show_progress: bool = True) -> tuple[object, dict]:
+                   show_progress: bool = True, tasks_count: int | None = None) -> tuple[object, dict]:
     """The trained draft head for ``backbone`` (cached in ``$AIFLOW_CACHE/draft-head`` by weights and
-    recipe), and its training record (train_s, vocabulary coverage, losses)."""
-    from aiflow_fl.family.instructions import instructions, model_fingerprint, self_answers
+    recipe), and its training record (train_s, vocabulary coverage, losses). Its data: the backbone's
+    answers to ``instructions_count`` everyday instructions and, unless ``tasks_count`` is None, to that
+    many task instructions (:func:`~aiflow_fl.family.instructions.task_instructions`; 0: all of each)."""
+    from aiflow_fl.family.instructions import SelfAnswers, instructions, model_fingerprint, self_answers, task_instructions
     from aiflow_fl.models import cache_dir
     from aiflow_fl.serving.build import eos_ids
     from aiflow_fl.serving.draft_head import DraftHead, load_draft_head, save_draft_head
 
     fingerprint = model_fingerprint(backbone)
-    key = hashlib.sha256(json.dumps([fingerprint, recipe.key(), instructions_count, max_new_tokens]).encode()).hexdigest()[:16]
+    counts = [instructions_count] if tasks_count is None else [instructions_count, tasks_count]  # old keys stay valid
+    key = hashlib.sha256(json.dumps([fingerprint, recipe.key(), *counts, max_new_tokens]).encode()).hexdigest()[:16]
     path = cache_dir() / "draft-head" / f"head-{key}.safetensors"
     if path.is_file():
         head = load_draft_head(path, backbone, fingerprint)
@@ -214,9 +217,14 @@ def draft_head_for(backbone, tokenizer, recipe: DraftHeadRecipe, instructions_co
     try:
         prompts = instructions(instructions_count)
         answers = self_answers(backbone, tokenizer, prompts, max_new_tokens, batch_size=16, show_progress=show_progress)
+        if tasks_count is not None:  # answered and cached apart: the everyday answers' cache stays valid
+            tasks = task_instructions(tasks_count)
+            more = self_answers(backbone, tokenizer, tasks, max_new_tokens, batch_size=16, show_progress=show_progress)
+            answers = SelfAnswers(answers.sequences + more.sequences, answers.prompt_lens + more.prompt_lens)
+            prompts = prompts + tasks
         generated_s = time.perf_counter() - started
         data = teacher_features(backbone, answers.sequences, answers.prompt_lens,
-                                cache_key=hashlib.sha256(json.dumps([fingerprint, len(prompts), max_new_tokens]).encode()).hexdigest()[:16])
+                                cache_key=hashlib.sha256(json.dumps([fingerprint, len(prompts), max_new_tokens, *counts[1:]]).encode()).hexdigest()[:16])
         features_s = time.perf_counter() - started - generated_s
         vocab, coverage = frequent_vocab(data.sequences, data.prompt_lens, recipe.draft_vocab, backbone.config.vocab_size,
                                          eos_ids(backbone, tokenizer))

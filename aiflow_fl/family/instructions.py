@@ -83,6 +83,103 @@ def instructions(count: int = 0, seed: int = 0, pydoc_titles: int = 24) -> list[
     return items[:count] if count else items
 
 
+# Task instructions in MT-Bench's other first-turn categories (coding, math, reasoning, extraction,
+# roleplay, stem): the everyday-topic templates above are mostly writing, so a draft trained on them
+# alone sees little of how the model writes code, steps of arithmetic or extracted lists. Built
+# from parts, none a benchmark prompt (a test checks).
+CODE_TASKS = [
+    "returns the largest of three numbers", "counts the vowels in a word", "computes the factorial of n",
+    "removes duplicates from a list", "converts Celsius to Fahrenheit", "checks whether a number is even",
+    "returns the sum of the digits of an integer", "finds the shortest word in a sentence",
+    "merges two dictionaries", "returns the n-th Fibonacci number", "counts how often each word appears in a text",
+    "checks whether a year is a leap year", "sorts a list of names alphabetically", "flattens a list of lists",
+    "returns the average of a list of numbers", "capitalizes the first letter of every word",
+    "finds the second largest number in a list", "checks whether two words are anagrams",
+    "reads a text file and counts its lines", "returns the common elements of two lists",
+]
+CODE_CONCEPTS = [
+    "a while loop", "a dictionary", "a list comprehension", "the len function", "a class", "an if statement",
+    "a tuple", "a set", "the range function", "exception handling with try and except", "a lambda function",
+    "string formatting with f-strings", "the import statement", "a default argument", "the zip function",
+]
+CODE_TEMPLATES = [
+    "Write a Python function that {t}.", "Write a JavaScript function that {t}.",
+    "Explain step by step how you would write a program that {t}.",
+]
+CONCEPT_TEMPLATES = ["What is {c} in Python? Give a short example.", "When should I use {c} in Python?"]
+MATH_TEMPLATES = [
+    "What is {a} multiplied by {b}? Explain how you got the answer.",
+    "Add {a} and {b}, then divide the result by {c}. Show your work.",
+    "What is the area of a rectangle that is {a} cm long and {c} cm wide?",
+    "Is {b} a prime number? Explain why or why not.",
+    "A shop sells pencils at {c} cents each. How much do {a} pencils cost?",
+    "Convert {b} minutes into hours and minutes.",
+    "What is the perimeter of a square with sides of {c} meters?",
+    "Solve for y: {c}y - {a} = {b}.",
+]
+MATH_NUMBERS = [(12, 37, 4), (25, 91, 5), (48, 53, 6), (7, 143, 8), (64, 29, 3), (19, 113, 9), (36, 71, 2),
+                (81, 97, 7), (14, 61, 11), (55, 89, 12)]
+REASONING = [
+    "If every {a} is a {b} and Sam owns a {a}, does Sam own a {b}? Explain.",
+    "Some {b}s are expensive. Does that mean every {a} is expensive? Explain your reasoning.",
+    "Which is heavier, a kilogram of {c} or a kilogram of feathers? Explain.",
+    "Anna is older than Ben, and Ben is older than Carl. Who is the youngest, and why?",
+    "What comes next in the sequence 2, 4, 8, 16, and why?",
+    "If it takes five machines five minutes to make five widgets, how long do 100 machines take to make 100 widgets?",
+    "A bat and a ball cost 1.10 dollars in total. The bat costs one dollar more than the ball. How much is the ball?",
+    "Why do we see lightning before we hear thunder?",
+    "If today is Tuesday, what day will it be in ten days? Explain.",
+    "Why does a metal spoon feel colder than a wooden spoon at the same temperature?",
+]
+REASONING_PARTS = [("rose", "flower", "iron"), ("sparrow", "bird", "stones"), ("violin", "instrument", "bricks"),
+                   ("oak", "tree", "sand"), ("salmon", "fish", "steel")]
+EXTRACTION = [
+    "Extract the names of the people from this sentence: {s}", "List the places mentioned in this text: {s}",
+    "Summarize in one sentence: {s}", "What is the main point of this text? {s}",
+]
+SENTENCES = [
+    "Maria met John in Berlin, and later they visited Rome with their friend Ahmed.",
+    "The library will close early on Friday because the heating system is being repaired.",
+    "Lucas drove from Madrid to Lisbon, while Emma took the ferry from Dover to Calais.",
+    "The school raised 400 dollars at the spring fair, which will pay for new art supplies.",
+    "Priya and Tom started a small bakery in Toronto after working together in Chicago.",
+    "Our flight to Cairo was delayed by three hours, so we missed the museum tour.",
+    "The council decided to plant 200 trees along the river to reduce flooding.",
+    "After the concert in Vienna, Clara and Felix took a night train to Prague.",
+]
+ROLES = [
+    ("a pirate captain", "greet your new crew"), ("a museum guide", "introduce a famous painting"),
+    ("a chef on a cooking show", "present today's dish"), ("a detective", "explain how you solved a case"),
+    ("a weather reporter", "give the forecast for a stormy weekend"), ("an astronaut", "describe your first day in space"),
+    ("a shop assistant", "help a customer choose a gift"), ("a medieval knight", "describe your journey home"),
+    ("a zookeeper", "introduce the animals to school children"), ("a radio host", "open the morning show"),
+]
+ROLE_TEMPLATES = ["Pretend you are {r} and {a}.", "You are {r}. In a few sentences, {a}."]
+STEM = [
+    "How does a refrigerator keep food cold?", "Why is the sky blue?", "How do vaccines train the immune system?",
+    "What does a transistor do?", "How do solar panels produce electricity?", "Why do objects fall at the same rate in a vacuum?",
+    "What is the difference between an atom and a molecule?", "How does a compass work?", "What causes the seasons?",
+    "How do bridges carry heavy loads?", "What is DNA and why is it important?", "How does sound travel through air?",
+]
+
+
+def task_instructions(count: int = 0, seed: int = 0) -> list[str]:
+    """Task instructions (coding, math, reasoning, extraction, roleplay, stem; the parts above), shuffled
+    with ``seed``, the first ``count`` (0: all): what the everyday-topic :func:`instructions` lack of
+    MT-Bench's categories."""
+    if count < 0:
+        raise AiflowError(f"The number of task instructions must be ≥ 0 (got {count}).")
+    items = [t.format(t=task) for task in CODE_TASKS for t in CODE_TEMPLATES]
+    items += [t.format(c=c) for c in CODE_CONCEPTS for t in CONCEPT_TEMPLATES]
+    items += [t.format(a=a, b=b, c=c) for a, b, c in MATH_NUMBERS for t in MATH_TEMPLATES]
+    items += sorted({t.format(a=a, b=b, c=c) for a, b, c in REASONING_PARTS for t in REASONING})
+    items += [t.format(s=s) for s in SENTENCES for t in EXTRACTION]
+    items += [t.format(r=r, a=a) for r, a in ROLES for t in ROLE_TEMPLATES]
+    items += list(STEM)
+    random.Random(seed).shuffle(items)
+    return items[:count] if count else items
+
+
 def model_fingerprint(model) -> str:
     """A short hash of a model's configuration and a few of its weights (tiny random models with
     the same config but different seeds get different fingerprints)."""
