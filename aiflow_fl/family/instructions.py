@@ -172,6 +172,7 @@ def task_instructions(count: int = 0, seed: int = 0) -> list[str]:
     items = [t.format(t=task) for task in CODE_TASKS for t in CODE_TEMPLATES]
     items += [t.format(c=c) for c in CODE_CONCEPTS for t in CONCEPT_TEMPLATES]
     items += [t.format(a=a, b=b, c=c) for a, b, c in MATH_NUMBERS for t in MATH_TEMPLATES]
+    # a set: the puzzles without {a}/{b}/{c} come out once per part, and are kept once
     items += sorted({t.format(a=a, b=b, c=c) for a, b, c in REASONING_PARTS for t in REASONING})
     items += [t.format(s=s) for s in SENTENCES for t in EXTRACTION]
     items += [t.format(r=r, a=a) for r, a in ROLES for t in ROLE_TEMPLATES]
